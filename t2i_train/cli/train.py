@@ -1,0 +1,121 @@
+"""`python -m t2i_train [overrides]`: train any family from the Hydra config tree."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from t2i_train.cli.common import CONF_DIR, check_group_choices, log, quiet_third_party, user_errors_exit
+from t2i_train.errors import CheckpointError, ConfigError
+from t2i_train.models.base import Family
+
+
+def build_task(cfg: DictConfig, model: Family | None = None) -> L.LightningModule:
+    """The family's task (``model.task_class``) with its loss, optimizer, schedule and EMA."""
+    model = model if model is not None else instantiate(cfg.model, _convert_="all")
+    loss = instantiate(cfg.loss, _convert_="all")
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
+    task_cls = get_class(model.task_class)
+    task = task_cls(
+        model=model,
+        loss=loss,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=scheduler,
+        ema_decay=cfg.get("ema_decay"),
+        **instantiate(cfg.get("task") or {}, _convert_="all"),
+    )
+    task.run_config = OmegaConf.to_container(cfg, resolve=True)
+    return task
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    node = cfg.get("strategy") or {"name": "auto"}
+    return instantiate(node) if "_target_" in node else node.get("name", "auto")
+
+
+def build_callbacks(cfg: DictConfig, sample_prompts: list[str]) -> list[L.Callback]:
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        extra = {"prompts": sample_prompts} if name == "samples" else {}
+        callbacks.append(instantiate(node, **extra, _convert_="all"))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list[Any] | bool:
+    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node and "_target_" in node]
+    return loggers or False
+
+
+def sample_prompts_for(cfg: DictConfig, datamodule: Any) -> list[str]:
+    if cfg.sampling.get("prompts"):
+        return list(cfg.sampling.prompts)
+    prompts = datamodule.sample_prompts() if hasattr(datamodule, "sample_prompts") else []
+    return list(prompts)[: cfg.sampling.get("num_prompts", 16)]
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            log.info("resuming from %s", last)
+            return str(last)
+        log.info("resume=auto: no checkpoint in %s yet, starting fresh", last.parent)
+        return None
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"resume={resume}: no such checkpoint file (use resume=auto or a .ckpt path)")
+    return str(path)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Build everything from ``cfg`` and fit; returns where the results are."""
+    quiet_third_party()
+    run_dir = Path(cfg.run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    task = build_task(cfg)
+    if hasattr(datamodule, "prepare_data"):
+        datamodule.prepare_data()
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        strategy=build_strategy(cfg),
+        callbacks=build_callbacks(cfg, sample_prompts_for(cfg, datamodule)),
+        logger=build_loggers(cfg),
+        _convert_="all",
+    )
+    ckpt_path = resolve_resume(cfg.get("resume"), run_dir)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if trainer.is_global_zero and not last.is_file():
+        trainer.save_checkpoint(last)
+    result = {"run_dir": str(run_dir), "last_checkpoint": str(last), "global_step": trainer.global_step}
+    if trainer.is_global_zero:
+        log.info("finished at step %d; checkpoint: %s", trainer.global_step, last)
+    return result
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+@user_errors_exit
+def _hydra_main(cfg: DictConfig) -> None:
+    if cfg.model is None or "_target_" not in cfg.model:
+        raise ConfigError("no model selected; pass model=<family> (see `python -m t2i_train --help`)")
+    train(cfg)
+
+
+def main() -> None:
+    check_group_choices(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

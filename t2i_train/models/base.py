@@ -1,0 +1,77 @@
+"""The family contract every model family implements (see README "Adding a family").
+
+A family is an ``nn.Module`` that
+- returns its training outputs from ``forward(batch)`` as a dict of tensors, which the configured loss
+  (``t2i_train.losses``) turns into named terms (``loss`` is the total);
+- lists the loss classes it accepts in ``accepted_losses`` (checked once at start-up);
+- generates images with ``generate(prompts, **sampling) -> Tensor[B, 3, H, W]`` in [0, 1];
+- keeps its frozen parts (text encoders, tokenizers, CLIP, LLMs) registered through ``freeze(module)``: they
+  stay in eval mode, take no gradient and are left out of ``trainable_parameters()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from t2i_train.errors import ConfigError
+
+
+class Family(nn.Module):
+    """Base class of every model family."""
+
+    #: Loss classes this family can be trained with; empty means "any".
+    accepted_losses: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: Name used in error messages and summaries.
+    family_name: ClassVar[str] = "family"
+    #: The LightningModule class that trains this family (a dotted path, resolved by the train CLI).
+    task_class: ClassVar[str] = "t2i_train.task.T2ITask"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._frozen_names: list[str] = []
+
+    # ----------------------------------------------------------------------------------------- frozen parts
+    def freeze(self, name: str) -> None:
+        """Mark sub-module ``name`` as frozen: eval mode, no gradient, not in the optimizer."""
+        module = getattr(self, name)
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        if name not in self._frozen_names:
+            self._frozen_names.append(name)
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in self._frozen_names if getattr(self, name) is not None}
+
+    def train(self, mode: bool = True) -> Family:
+        super().train(mode)
+        for module in self.frozen_modules().values():
+            module.eval()
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------------------------------ contract
+    def check_loss(self, loss: nn.Module) -> None:
+        """Raise ConfigError when ``loss`` is not one this family can be trained with."""
+        if self.accepted_losses and not isinstance(loss, self.accepted_losses):
+            names = ", ".join(c.config_name for c in self.accepted_losses if hasattr(c, "config_name"))
+            got = getattr(loss, "config_name", type(loss).__name__)
+            raise ConfigError(
+                f"model={self.family_name} cannot be trained with loss={got}; use one of: {names}"
+            )
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], **sampling: Any) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} does not generate images")

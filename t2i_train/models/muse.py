@@ -1,0 +1,415 @@
+"""Muse (Chang et al. 2023), base stage: a masked generative transformer over VQ image tokens.
+
+Training: the frozen VQ tokenizer turns an image into N tokens; a cosine-distributed number of them is
+replaced by [MASK] (id = codebook size); the transformer — self-attention over image tokens, cross-attention
+to the projected frozen T5 embeddings, MLP — predicts the masked tokens (``MaskedCrossEntropy``). The text
+condition is dropped for ``cond_drop_prob`` of the samples so classifier-free guidance works at sampling.
+
+Sampling (MaskGIT parallel decoding): start fully masked; at every step predict all tokens with CFG, sample
+each masked one, and re-mask the least confident according to a cosine schedule until the last step has
+filled every token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from t2i_train.errors import ConfigError, DataError
+from t2i_train.losses.masked_ce import MaskedCrossEntropy
+from t2i_train.models.base import Family
+from t2i_train.nn.guidance import GUIDANCE_SCHEDULES, apply_cfg, guidance_scale_at
+from t2i_train.nn.transformer import Transformer
+from t2i_train.text.base import TextEncoder, pad_condition
+from t2i_train.weights import weight_loading_enabled
+
+log = logging.getLogger(__name__)
+
+COND_DROP_MODES = ("empty", "zero")
+
+
+# --------------------------------------------------------------------------------------------- schedules
+def cosine_mask_counts(u: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Tokens to mask per example: ``max(1, round(cos(π u / 2) · N))`` for ``u ~ U(0, 1)`` (a LongTensor)."""
+    ratio = torch.cos(math.pi * u.double() / 2)
+    return torch.round(ratio * num_tokens).long().clamp(1, num_tokens)
+
+
+def random_token_mask(
+    counts: torch.Tensor, num_tokens: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Bool mask [B, N] with exactly ``counts[b]`` True positions in row b, chosen uniformly at random."""
+    scores = torch.rand(counts.shape[0], num_tokens, generator=generator, device=counts.device)
+    ranks = scores.argsort(dim=-1).argsort(dim=-1)
+    return ranks < counts[:, None]
+
+
+def decode_schedule(num_tokens: int, steps: int) -> list[int]:
+    """Number of tokens still masked after each of the ``steps`` decoding steps (MaskGIT cosine schedule).
+
+    ``n_t = ⌊N cos(π/2 · (t+1)/T)⌋`` clamped to ``[1, n_{t-1} - 1]`` so every step reveals at least one token
+    and keeps at least one for later; the last step is 0: it fills every token. Needs ``steps <= N``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps > num_tokens:
+        raise ValueError(
+            f"steps={steps} exceeds the {num_tokens} image tokens; use at most {num_tokens} steps"
+        )
+    masked, counts = num_tokens, []
+    for t in range(steps - 1):
+        n = math.floor(num_tokens * math.cos(math.pi / 2 * (t + 1) / steps))
+        masked = min(max(n, 1), masked - 1)
+        counts.append(masked)
+    return [*counts, 0]
+
+
+def gumbel_noise(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    u = torch.rand(shape, device=device, generator=generator).clamp_(1e-20, 1.0 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+# ------------------------------------------------------------------------------------------------ family
+class Muse(Family):
+    """Muse base transformer with its frozen text encoder and frozen VQ tokenizer.
+
+    Args:
+        text_encoder: frozen ``TextEncoder`` (T5); its ``dim`` sizes the trainable text projection.
+        tokenizer: frozen VQ image tokenizer with ``encode_to_indices(images [-1,1]) -> [B,h,w]``,
+            ``decode_indices(idx) -> images [-1,1]``, ``codebook_size`` and ``downsample_factor``.
+        tokenizer_checkpoint: a stage-1 training checkpoint whose family replaces ``tokenizer`` (only while
+            weight loading is enabled).
+        image_size: image side in pixels; N = (image_size / downsample_factor)² tokens.
+        dim, depth, heads, mlp_dim, dropout, dim_head: transformer size.
+        cond_drop_prob: fraction of training samples whose text condition is dropped (for CFG).
+        cond_drop_mode: "empty" feeds the encoded empty prompt (open-muse); "zero" feeds zeros.
+        gradient_checkpointing: recompute blocks in the backward pass.
+    """
+
+    family_name: ClassVar[str] = "muse"
+    accepted_losses: ClassVar[tuple[type[nn.Module], ...]] = (MaskedCrossEntropy,)
+
+    def __init__(
+        self,
+        text_encoder: TextEncoder,
+        tokenizer: nn.Module,
+        image_size: int = 32,
+        dim: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_dim: int = 512,
+        dropout: float = 0.0,
+        tokenizer_checkpoint: str | None = None,
+        cond_drop_prob: float = 0.1,
+        cond_drop_mode: str = "empty",
+        dim_head: int | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if cond_drop_mode not in COND_DROP_MODES:
+            raise ConfigError(
+                f"model.cond_drop_mode must be one of {COND_DROP_MODES}, got {cond_drop_mode!r}"
+            )
+        if not 0.0 <= cond_drop_prob <= 1.0:
+            raise ConfigError(f"model.cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.tokenizer_checkpoint = tokenizer_checkpoint
+        # persistent flag: True once the tokenizer holds trained weights (saved with the model's checkpoint)
+        self.register_buffer("tokenizer_trained", torch.tensor(False))
+        if tokenizer_checkpoint and weight_loading_enabled():
+            self._load_tokenizer(tokenizer_checkpoint)
+        self.freeze("text_encoder")
+        self.freeze("tokenizer")
+
+        self.codebook_size = int(_required_attr(self.tokenizer, "codebook_size"))
+        factor = int(_required_attr(self.tokenizer, "downsample_factor"))
+        if image_size % factor:
+            raise ConfigError(
+                f"model.image_size={image_size} is not a multiple of the tokenizer's f={factor}"
+            )
+        self.image_size = image_size
+        self.grid = image_size // factor
+        self.num_tokens = self.grid**2
+        self.mask_token_id = self.codebook_size
+        self.cond_drop_prob = cond_drop_prob
+        self.cond_drop_mode = cond_drop_mode
+
+        self.token_emb = nn.Embedding(self.codebook_size + 1, dim)
+        # learned 2D positions, factorised: row + column embeddings (a caption's "top"/"left" each name one)
+        self.row_emb = nn.Parameter(torch.zeros(self.grid, dim))
+        self.col_emb = nn.Parameter(torch.zeros(self.grid, dim))
+        self.text_proj = nn.Linear(text_encoder.dim, dim)
+        self.text_norm = nn.LayerNorm(dim)
+        self.transformer = Transformer(
+            dim,
+            depth,
+            heads,
+            mlp_dim,
+            dropout,
+            cross_attention=True,
+            dim_head=dim_head,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.head = nn.Linear(dim, self.codebook_size)
+        self._init_weights()
+        self._tokenizer_checked = False
+
+    # ------------------------------------------------------------------------------------------- set-up
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.row_emb, std=0.02)
+        nn.init.trunc_normal_(self.col_emb, std=0.02)
+        for module in [self.token_emb, self.text_proj, self.transformer, self.head]:
+            for m in module.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def _load_tokenizer(self, path: str) -> None:
+        """Copy the stage-1 checkpoint's weights into the configured tokenizer.
+
+        The configured architecture is kept (rather than swapping in the checkpoint's module) because a Muse
+        checkpoint is later rebuilt from its config with ``tokenizer_checkpoint`` dropped: config and weights
+        must agree, and a mismatch is reported here, at start-up. Extra stage-1 parts (a GAN discriminator)
+        are left behind.
+        """
+        from t2i_train.checkpoint import load_family  # lazy: the checkpoint reader builds configs with Hydra
+
+        state = load_family(path).state_dict()
+        try:
+            missing, _ = self.tokenizer.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise ConfigError(
+                f"tokenizer_checkpoint {path} does not fit model.tokenizer ({str(exc).splitlines()[-1].strip()}); "
+                "make model.tokenizer describe the checkpoint's VQGAN"
+            ) from exc
+        if missing:
+            raise ConfigError(
+                f"tokenizer_checkpoint {path} lacks {len(missing)} weights of model.tokenizer (e.g. {missing[0]}); "
+                "make model.tokenizer describe the checkpoint's VQGAN"
+            )
+        self.tokenizer_trained.fill_(True)
+
+    # ----------------------------------------------------------------------------------------- encoding
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text_encoder(list(prompts))
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B,3,H,W] in [-1, 1] → token ids [B, N]."""
+        idx = self.tokenizer.encode_to_indices(images)
+        return self._check_tokens(idx)
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, N] → images [B,3,H,W] in [0, 1]."""
+        images = self.tokenizer.decode_indices(tokens.view(-1, self.grid, self.grid))
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    def _check_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.reshape(idx.shape[0], -1).long()
+        if idx.shape[1] != self.num_tokens:
+            raise DataError(
+                f"muse expects {self.num_tokens} image tokens ({self.grid}x{self.grid}, image_size="
+                f"{self.image_size}) but got {idx.shape[1]}; match data resolution and model.image_size"
+            )
+        return idx
+
+    def null_condition(self, batch_size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dropped ("unconditional") text condition, ``length`` tokens long."""
+        if self.cond_drop_mode == "empty":
+            with torch.no_grad():
+                return self.text_encoder.null_condition(batch_size, length)
+        device = self.text_proj.weight.device
+        emb = torch.zeros(batch_size, length, self.text_encoder.dim, device=device)
+        mask = torch.zeros(batch_size, length, dtype=torch.bool, device=device)
+        mask[:, 0] = True  # one (zero) key, so the cross-attention has something to attend to
+        return emb, mask
+
+    def sample_condition_drop(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+        """Bool [B]: which samples lose their text condition this step (probability ``cond_drop_prob``)."""
+        return torch.rand(batch_size, device=device) < self.cond_drop_prob
+
+    def drop_condition(
+        self, emb: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the condition of the rows where ``drop`` is True by the null condition."""
+        null_emb, null_mask = self.null_condition(emb.shape[0], emb.shape[1])
+        null_emb = null_emb.to(emb.dtype)
+        emb = torch.where(drop[:, None, None], null_emb, emb)
+        mask = torch.where(drop[:, None], null_mask, mask.bool())
+        return emb, mask
+
+    # ---------------------------------------------------------------------------------------- transformer
+    def logits(self, tokens: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, N] (with [MASK]s) + text condition → logits [B, N, codebook_size]."""
+        positions = (self.row_emb[:, None] + self.col_emb[None, :]).flatten(0, 1)
+        x = self.token_emb(tokens) + positions
+        context = self.text_norm(self.text_proj(text_emb.to(self.text_proj.weight.dtype)))
+        x = self.transformer(x, context=context, context_mask=text_mask.bool())
+        return self.head(x)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Training outputs: ``logits`` [B,N,K], ``targets`` [B,N], ``mask`` [B,N] (True = was masked)."""
+        if "image_tokens" in batch:
+            tokens = self._check_tokens(
+                torch.as_tensor(batch["image_tokens"]).to(self.token_emb.weight.device)
+            )
+        else:
+            self._warn_if_untrained_tokenizer()
+            tokens = self.encode_images(batch["image"])
+        if "text_emb" in batch:
+            text_emb = batch["text_emb"]
+            text_mask = batch.get("text_mask")
+            if text_mask is None:
+                text_mask = torch.ones(text_emb.shape[:2], dtype=torch.bool, device=text_emb.device)
+        else:
+            text_emb, text_mask = self.encode_text(batch["caption"])
+        batch_size = tokens.shape[0]
+        if self.training and self.cond_drop_prob > 0:
+            drop = self.sample_condition_drop(batch_size, tokens.device)
+            text_emb, text_mask = self.drop_condition(text_emb, text_mask, drop)
+        u = torch.rand(batch_size, device=tokens.device)
+        mask = random_token_mask(cosine_mask_counts(u, self.num_tokens), self.num_tokens)
+        inputs = tokens.masked_fill(mask, self.mask_token_id)
+        return {"logits": self.logits(inputs, text_emb, text_mask), "targets": tokens, "mask": mask}
+
+    def _warn_if_untrained_tokenizer(self) -> None:
+        """Once per instance, at the first training step: is the image tokenizer a trained one?"""
+        if not self.training or self._tokenizer_checked:
+            return
+        self._tokenizer_checked = True
+        if bool(self.tokenizer_trained):
+            return
+        message = (
+            "MUSE IS TRAINING ON A RANDOMLY INITIALISED IMAGE TOKENIZER: set model.tokenizer_checkpoint=<vqgan "
+            ".ckpt> (train one with model=vqgan) or feed pre-encoded image_tokens; generated images will be noise"
+        )
+        warnings.warn(message, stacklevel=3)
+        log.warning(message)
+
+    # ------------------------------------------------------------------------------------------ sampling
+    @staticmethod
+    def decode_schedule(num_tokens: int, steps: int) -> list[int]:
+        return decode_schedule(num_tokens, steps)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        steps: int = 12,
+        guidance_scale: float = 3.0,
+        guidance_schedule: str = "linear",
+        temperature: float = 1.0,
+        seed: int | None = None,
+        negative_prompts: list[str] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Parallel decoding → images [B,3,H,W] in [0, 1].
+
+        ``guidance_scale`` is s in ``uncond + s·(cond - uncond)`` (Muse's g = s - 1), ramped over the steps by
+        ``guidance_schedule``; ``negative_prompts`` replace the unconditional stream. ``temperature`` scales
+        the Gumbel noise added to the confidences, annealed by ``1 - (t+1)/T``. ``seed`` (or ``generator``)
+        makes the result reproducible.
+        """
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ConfigError(
+                f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}"
+            )
+        if negative_prompts is not None and len(negative_prompts) != len(prompts):
+            raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+        was_training = self.training
+        self.eval()
+        try:
+            generator = _generator(generator, seed, self.token_emb.weight.device)
+            tokens = self._decode(
+                list(prompts),
+                steps,
+                guidance_scale,
+                guidance_schedule,
+                temperature,
+                negative_prompts,
+                generator,
+            )
+            return self.decode_tokens(tokens)
+        finally:
+            self.train(was_training)
+
+    def _sampling_condition(
+        self, prompts: list[str], negative_prompts: list[str] | None, use_cfg: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text condition of the conditional stream, followed (with CFG) by the unconditional one."""
+        emb, mask = self.encode_text(prompts)
+        if not use_cfg:
+            return emb, mask
+        if negative_prompts is not None:
+            neg_emb, neg_mask = self.encode_text(negative_prompts)
+        else:
+            neg_emb, neg_mask = self.null_condition(len(prompts), emb.shape[1])
+        length = max(emb.shape[1], neg_emb.shape[1])
+        emb, mask = pad_condition(emb, mask, length)
+        neg_emb, neg_mask = pad_condition(neg_emb.to(emb.dtype), neg_mask, length)
+        return torch.cat([emb, neg_emb]), torch.cat([mask, neg_mask])
+
+    def _guided_log_probs(
+        self, ids: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, scale: float | None
+    ) -> torch.Tensor:
+        if scale is None:
+            return self.logits(ids, text, mask).float().log_softmax(-1)
+        cond, uncond = self.logits(torch.cat([ids, ids]), text, mask).float().chunk(2)
+        return apply_cfg(cond, uncond, scale).log_softmax(-1)
+
+    def _decode(
+        self,
+        prompts: list[str],
+        steps: int,
+        guidance_scale: float,
+        guidance_schedule: str,
+        temperature: float,
+        negative_prompts: list[str] | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        schedule = decode_schedule(self.num_tokens, steps)
+        use_cfg = guidance_scale != 1.0 or negative_prompts is not None
+        text, text_mask = self._sampling_condition(prompts, negative_prompts, use_cfg)
+        device = self.token_emb.weight.device
+        ids = torch.full((len(prompts), self.num_tokens), self.mask_token_id, dtype=torch.long, device=device)
+        for t, still_masked in enumerate(schedule):
+            scale = guidance_scale_at(t, steps, guidance_scale, guidance_schedule) if use_cfg else None
+            log_probs = self._guided_log_probs(ids, text, text_mask, scale)
+            sampled = torch.multinomial(log_probs.exp().flatten(0, 1), 1, generator=generator).view_as(ids)
+            unknown = ids == self.mask_token_id
+            filled = torch.where(unknown, sampled, ids)
+            if still_masked == 0:
+                return filled
+            confidence = log_probs.gather(-1, sampled[..., None]).squeeze(-1)
+            noise_scale = temperature * (1 - (t + 1) / steps)
+            if noise_scale > 0:
+                confidence = confidence + noise_scale * gumbel_noise(ids.shape, device, generator)
+            confidence = confidence.masked_fill(~unknown, math.inf)
+            remask = confidence.topk(still_masked, dim=-1, largest=False).indices
+            ids = filled.scatter(1, remask, self.mask_token_id)
+        return ids  # unreachable: the schedule ends with 0
+
+
+def _generator(
+    generator: torch.Generator | None, seed: int | None, device: torch.device
+) -> torch.Generator | None:
+    if generator is not None or seed is None:
+        return generator
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _required_attr(module: nn.Module, name: str) -> Any:
+    if not hasattr(module, name):
+        raise ConfigError(
+            f"muse's tokenizer {type(module).__name__} has no `{name}`; use a VQ tokenizer (vqgan)"
+        )
+    return getattr(module, name)

@@ -1,0 +1,161 @@
+"""The generic LightningModule: one family, one loss, one optimizer.
+
+Families whose step is not "one loss, one optimizer" (GAN discriminator/generator alternation) subclass this
+task (see ``t2i_train.gan_task``) instead of adding special cases here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from t2i_train.losses.base import Loss
+from t2i_train.models.base import Family
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a family's trainable parameters.
+
+    Only trainable parameters are shadowed (frozen encoders never change), so the memory cost is one copy of
+    what the optimizer already holds. ``swapped_into(model)`` temporarily loads the averages for sampling.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, start_step: int = 0) -> None:
+        super().__init__()
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.start_step = start_step
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = 0.0 if step < self.start_step else self.decay
+        params = dict(model.named_parameters())
+        for name in self.names:
+            shadow = self.shadow[name]
+            if shadow.device != params[name].device:
+                shadow = self.shadow[name] = shadow.to(params[name].device)
+            shadow.lerp_(params[name].detach().to(shadow.dtype), 1.0 - decay)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().cpu() for n, t in self.shadow.items()}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.names) - set(state)
+        if missing:
+            raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
+        self.shadow = {n: state[n].clone() for n in self.names}
+
+    @torch.no_grad()
+    def swap(self, model: nn.Module) -> None:
+        """Exchange the model's parameters with the averages (call twice to restore)."""
+        params = dict(model.named_parameters())
+        for name in self.names:
+            current = params[name].detach().clone()
+            params[name].copy_(self.shadow[name].to(params[name].device, params[name].dtype))
+            self.shadow[name] = current
+
+
+class T2ITask(L.LightningModule):
+    """Trains any single-optimizer family with any loss it accepts."""
+
+    def __init__(
+        self,
+        model: Family,
+        loss: Loss,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        ema_decay: float | None = None,
+        ema_start_step: int = 0,
+    ) -> None:
+        super().__init__()
+        model.check_loss(loss)
+        self.model = model
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.ema = EMA(model, ema_decay, ema_start_step) if ema_decay else None
+        #: the resolved run config, written into every checkpoint by the CLI (plain containers).
+        self.run_config: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        terms = self.loss(self.model(batch))
+        self.log_terms(terms, "train", batch_size=len(batch["caption"]))
+        self.log_data_stats(batch)
+        return terms["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        terms = self.loss(self.model(batch))
+        self.log_terms(terms, "val", batch_size=len(batch["caption"]), on_step=False)
+
+    def log_terms(
+        self, terms: dict[str, torch.Tensor], prefix: str, batch_size: int | None = None, on_step: bool = True
+    ) -> None:
+        for name, value in terms.items():
+            if torch.is_tensor(value) and value.numel() == 1:
+                self.log(
+                    f"{prefix}/{name}",
+                    value.detach().float(),
+                    on_step=on_step,
+                    on_epoch=not on_step,
+                    prog_bar=name == "loss",
+                    batch_size=batch_size,
+                    sync_dist=not on_step,
+                )
+
+    def log_data_stats(self, batch: dict[str, Any]) -> None:
+        skipped = batch.get("skipped")
+        if skipped is not None:
+            self.skipped_samples = getattr(self, "skipped_samples", 0) + int(torch.as_tensor(skipped).sum())
+            self.log("data/skipped_total", float(self.skipped_samples), on_step=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.update_ema()
+
+    def update_ema(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, self.global_step)
+
+    # ------------------------------------------------------------------------------------------ optimizers
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(list(self.model.trainable_parameters()))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["t2i_config"] = self.run_config
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load(checkpoint["ema"])
+
+    # ------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], **sampling: Any) -> torch.Tensor:
+        """Generate with the EMA weights when EMA is on, restoring the training weights afterwards."""
+        was_training = self.model.training
+        self.model.eval()
+        if self.ema is not None:
+            self.ema.swap(self.model)
+        try:
+            return self.model.generate(prompts, **sampling)
+        finally:
+            if self.ema is not None:
+                self.ema.swap(self.model)
+            self.model.train(was_training)

@@ -1,0 +1,92 @@
+"""Every shipped config composes; every tiny model/experiment trains two steps on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from t2i_train.cli.common import CONF_DIR
+from t2i_train.cli.train import train
+from t2i_train.weights import no_weight_loading
+
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+# Paper-size presets are composed and built on the meta device, never trained here.
+PAPER_SIZE = {"muse_3b"}
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_there_are_configs_to_test() -> None:
+    assert {"muse", "vqgan"} <= set(MODELS)
+    assert {"shapes_vqgan", "shapes_muse", "muse_3b"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("group", ["optimizer", "scheduler", "strategy", "trainer", "logger", "callbacks", "data"])
+def test_every_group_option_composes(group: str) -> None:
+    for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
+        cfg = compose_train([f"{group}={option}"])
+        assert cfg is not None
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_config_composes_and_builds_on_meta(name: str) -> None:
+    cfg = compose_train([f"model={name}"])
+    assert "_target_" in cfg.model and "_target_" in cfg.loss
+    with no_weight_loading(), torch.device("meta"):
+        model = instantiate(cfg.model, _convert_="all")
+    model.check_loss(instantiate(cfg.loss))  # the family's default loss is one it accepts
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_builds_on_meta(name: str) -> None:
+    cfg = compose_train([f"experiment={name}"])
+    with no_weight_loading(), torch.device("meta"):
+        model = instantiate(cfg.model, _convert_="all")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def _two_step_overrides(tmp_path: Path, small_data_overrides: list[str]) -> list[str]:
+    return [
+        *small_data_overrides,
+        f"run_dir={tmp_path}",
+        "trainer.max_steps=2",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "sampling.every_n_steps=2",
+        "sampling.num_prompts=2",
+        "sampling.kwargs={}",
+        "checkpoint.every_n_steps=1",
+    ]
+
+
+def _train_two_steps(overrides: list[str], tmp_path: Path) -> None:
+    cfg = compose_train(overrides)
+    with open_dict(cfg):
+        cfg.sampling.kwargs = {"steps": 2} if cfg.model._target_.endswith("Muse") else {}
+    result = train(cfg)
+    assert result["global_step"] == 2
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 and "t2i_config" in ckpt
+    assert (tmp_path / "checkpoints" / "step=0000002.ckpt").is_file()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tiny_model_trains_two_steps(name: str, tmp_path: Path, small_data_overrides: list[str]) -> None:
+    _train_two_steps([f"model={name}", *_two_step_overrides(tmp_path, small_data_overrides)], tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(set(EXPERIMENTS) - PAPER_SIZE))
+def test_tiny_experiment_trains_two_steps(name: str, tmp_path: Path, small_data_overrides: list[str]) -> None:
+    _train_two_steps([f"experiment={name}", *_two_step_overrides(tmp_path, small_data_overrides)], tmp_path)
