@@ -69,6 +69,15 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
                 fail(f"unknown {key} '{choice}'; choose one of: {', '.join(sorted(options))}")
 
 
+def allow_new_keys(argv: list[str], prefixes: tuple[str, ...]) -> list[str]:
+    """Rewrite ``prefix.key=value`` as ``++prefix.key=value`` for free-form dict nodes.
+
+    Sampling keyword arguments differ per family, so ``sampling.steps=12`` must work whether or not the config
+    already names ``steps`` (Hydra's struct mode would otherwise demand ``+`` or ``++``).
+    """
+    return [f"++{a}" if "=" in a and a.startswith(prefixes) else a for a in argv]
+
+
 def _group_options(group_dir: Path) -> set[str]:
     return {str(p.relative_to(group_dir).with_suffix("")) for p in group_dir.rglob("*.yaml")}
 

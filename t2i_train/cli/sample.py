@@ -9,6 +9,7 @@ same command reproduces the same files.
 from __future__ import annotations
 
 import json
+import sys
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from t2i_train.checkpoint import load_family
-from t2i_train.cli.common import CONF_DIR, user_errors_exit
+from t2i_train.cli.common import CONF_DIR, allow_new_keys, user_errors_exit
 from t2i_train.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    sys.argv[1:] = allow_new_keys(sys.argv[1:], ("sampling.",))
     _hydra_main()
 
 

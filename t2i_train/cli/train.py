@@ -11,7 +11,7 @@ import lightning as L
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from t2i_train.cli.common import CONF_DIR, check_group_choices, log, quiet_third_party, user_errors_exit
+from t2i_train.cli.common import CONF_DIR, allow_new_keys, check_group_choices, log, quiet_third_party, user_errors_exit
 from t2i_train.errors import CheckpointError, ConfigError
 from t2i_train.models.base import Family
 
@@ -114,6 +114,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     check_group_choices(sys.argv[1:])
+    sys.argv[1:] = allow_new_keys(sys.argv[1:], ("sampling.kwargs.", "task."))
     _hydra_main()
 
 

@@ -86,7 +86,7 @@ def test_loss_the_family_does_not_accept_is_one_line(tmp_path: Path) -> None:
 
 def test_missing_shard_path_is_one_line(tmp_path: Path) -> None:
     urls = f"{tmp_path}/nowhere-{{000000..000003}}.tar"
-    proc = run_cli("t2i_train", "model=vqgan", "data=webdataset", f"data.train_urls={urls}",
+    proc = run_cli("t2i_train", "model=vqgan", "data=webdataset", f"data.train_urls='{urls}'",
                    f"hydra.run.dir={tmp_path / 'run'}", *TINY_TRAIN)
     assert_one_line_error(proc, "nowhere-000000.tar")
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
