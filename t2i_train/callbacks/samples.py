@@ -38,7 +38,9 @@ class SampleGrid(L.Callback):
         self._fixed_images: torch.Tensor | None = None
         self._last_step = -1
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int
+    ) -> None:
         if self._fixed_images is None and "image" in batch:
             self._fixed_images = batch["image"][:8].detach().clone()
         step = trainer.global_step

@@ -45,7 +45,9 @@ def prompt_following(samples_dir: str, output: str | None = None) -> dict[str, A
 
     directory = Path(samples_dir)
     if not (directory / "manifest.jsonl").is_file():
-        raise ConfigError(f"{directory}/manifest.jsonl not found; write samples with `python -m t2i_train.sample`")
+        raise ConfigError(
+            f"{directory}/manifest.jsonl not found; write samples with `python -m t2i_train.sample`"
+        )
     result = evaluate_samples_dir(directory)
     result.pop("readings", None)
     Path(output or directory / "eval.json").write_text(json.dumps(result, indent=2))

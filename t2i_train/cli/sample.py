@@ -9,8 +9,8 @@ same command reproduces the same files.
 from __future__ import annotations
 
 import json
-import sys
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 

@@ -48,7 +48,11 @@ def summarize(model: nn.Module) -> dict[str, Any]:
             "frozen": sum(p.numel() for p in direct if not p.requires_grad),
             "frozen_component": False,
         }
-    return {"family": getattr(model, "family_name", type(model).__name__), **count(model), "components": components}
+    return {
+        "family": getattr(model, "family_name", type(model).__name__),
+        **count(model),
+        "components": components,
+    }
 
 
 def compose_train_config(overrides: list[str]) -> DictConfig:

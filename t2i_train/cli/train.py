@@ -11,7 +11,14 @@ import lightning as L
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from t2i_train.cli.common import CONF_DIR, allow_new_keys, check_group_choices, log, quiet_third_party, user_errors_exit
+from t2i_train.cli.common import (
+    CONF_DIR,
+    allow_new_keys,
+    check_group_choices,
+    log,
+    quiet_third_party,
+    user_errors_exit,
+)
 from t2i_train.errors import CheckpointError, ConfigError
 from t2i_train.models.base import Family
 
@@ -50,7 +57,9 @@ def build_callbacks(cfg: DictConfig, sample_prompts: list[str]) -> list[L.Callba
 
 
 def build_loggers(cfg: DictConfig) -> list[Any] | bool:
-    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node and "_target_" in node]
+    loggers = [
+        instantiate(node) for node in (cfg.get("logger") or {}).values() if node and "_target_" in node
+    ]
     return loggers or False
 
 

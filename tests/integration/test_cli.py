@@ -65,7 +65,16 @@ def _copy_samples(src_tar: Path, dst: Path, corrupt_keys: int = 0, drop_caption_
 def test_help_lists_config_groups() -> None:
     proc = run_cli("t2i_train", "--help")
     assert proc.returncode == 0
-    for group in ("model:", "data:", "loss:", "optimizer:", "scheduler:", "strategy:", "trainer:", "experiment:"):
+    for group in (
+        "model:",
+        "data:",
+        "loss:",
+        "optimizer:",
+        "scheduler:",
+        "strategy:",
+        "trainer:",
+        "experiment:",
+    ):
         assert group in proc.stdout
 
 
@@ -76,7 +85,9 @@ def test_cfg_job_prints_composed_config() -> None:
 
 
 def test_unknown_model_is_one_line() -> None:
-    assert_one_line_error(run_cli("t2i_train", "model=no_such_family"), "unknown model 'no_such_family'", "muse")
+    assert_one_line_error(
+        run_cli("t2i_train", "model=no_such_family"), "unknown model 'no_such_family'", "muse"
+    )
 
 
 def test_loss_the_family_does_not_accept_is_one_line(tmp_path: Path) -> None:
@@ -86,16 +97,28 @@ def test_loss_the_family_does_not_accept_is_one_line(tmp_path: Path) -> None:
 
 def test_missing_shard_path_is_one_line(tmp_path: Path) -> None:
     urls = f"{tmp_path}/nowhere-{{000000..000003}}.tar"
-    proc = run_cli("t2i_train", "model=vqgan", "data=webdataset", f"data.train_urls='{urls}'",
-                   f"hydra.run.dir={tmp_path / 'run'}", *TINY_TRAIN)
+    proc = run_cli(
+        "t2i_train",
+        "model=vqgan",
+        "data=webdataset",
+        f"data.train_urls='{urls}'",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *TINY_TRAIN,
+    )
     assert_one_line_error(proc, "nowhere-000000.tar")
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
 def test_empty_shard_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty.tar").write_bytes(b"")
-    proc = run_cli("t2i_train", "model=vqgan", "data=webdataset", f"data.train_urls={tmp_path}/empty.tar",
-                   f"hydra.run.dir={tmp_path / 'run'}", *TINY_TRAIN)
+    proc = run_cli(
+        "t2i_train",
+        "model=vqgan",
+        "data=webdataset",
+        f"data.train_urls={tmp_path}/empty.tar",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *TINY_TRAIN,
+    )
     assert_one_line_error(proc, "empty.tar")
 
 
@@ -103,9 +126,18 @@ def test_corrupt_images_and_missing_captions_are_skipped_and_counted(shards: Pat
     first = sorted(shards.glob("*.tar"))[0]
     bad = _copy_samples(first, tmp_path / "bad.tar", corrupt_keys=1, drop_caption_keys=1)
     run = tmp_path / "run"
-    proc = run_cli("t2i_train", "model=vqgan", "data=webdataset", f"data.train_urls={bad}", "data.image_size=32",
-                   "data.max_skip_rate=0.1", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
-                   f"hydra.run.dir={run}", *TINY_TRAIN)
+    proc = run_cli(
+        "t2i_train",
+        "model=vqgan",
+        "data=webdataset",
+        f"data.train_urls={bad}",
+        "data.image_size=32",
+        "data.max_skip_rate=0.1",
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=1",
+        f"hydra.run.dir={run}",
+        *TINY_TRAIN,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = (run / "logs" / "metrics.csv").read_text().splitlines()
     column = metrics[0].split(",").index("data/skipped_total")
@@ -115,21 +147,38 @@ def test_corrupt_images_and_missing_captions_are_skipped_and_counted(shards: Pat
 def test_wholly_corrupt_shard_stops_with_one_line(shards: Path, tmp_path: Path) -> None:
     first = sorted(shards.glob("*.tar"))[0]
     bad = _copy_samples(first, tmp_path / "rotten.tar", corrupt_keys=32)
-    proc = run_cli("t2i_train", "model=vqgan", "data=webdataset", f"data.train_urls={bad}", "data.image_size=32",
-                   "trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'run'}", *TINY_TRAIN)
+    proc = run_cli(
+        "t2i_train",
+        "model=vqgan",
+        "data=webdataset",
+        f"data.train_urls={bad}",
+        "data.image_size=32",
+        "trainer.max_steps=3",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *TINY_TRAIN,
+    )
     assert_one_line_error(proc, "rotten.tar")
 
 
 def test_img2dataset_folder_trains_as_it_is(tmp_path: Path) -> None:
     out = tmp_path / "img2dataset_out"
-    write_synthetic_shards(out, count=48, samples_per_shard=24, naming="img2dataset", image_format="jpg",
-                           progress=False)
+    write_synthetic_shards(
+        out, count=48, samples_per_shard=24, naming="img2dataset", image_format="jpg", progress=False
+    )
     assert (out / "00000.tar").is_file()
     (out / "00000_stats.json").write_text(json.dumps({"count": 24, "successes": 24}))
     (out / "00000.parquet").write_bytes(b"PAR1")  # img2dataset writes one beside each tar; it must be ignored
     run = tmp_path / "run"
-    proc = run_cli("t2i_train", "model=vqgan", "data=webdataset", f"data.train_urls={out}", "data.image_size=32",
-                   "trainer.max_steps=2", f"hydra.run.dir={run}", *TINY_TRAIN)
+    proc = run_cli(
+        "t2i_train",
+        "model=vqgan",
+        "data=webdataset",
+        f"data.train_urls={out}",
+        "data.image_size=32",
+        "trainer.max_steps=2",
+        f"hydra.run.dir={run}",
+        *TINY_TRAIN,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
@@ -145,23 +194,48 @@ def test_summary_counts_muse_3b_without_allocating() -> None:
 
 def test_train_sample_manifest_end_to_end(shards: Path, tmp_path: Path) -> None:
     vq = tmp_path / "vqgan"
-    proc = run_cli("t2i_train", "model=vqgan", "data=webdataset", f"data.train_urls={shards}", "data.image_size=32",
-                   "trainer.max_steps=2", f"hydra.run.dir={vq}", *TINY_TRAIN)
+    proc = run_cli(
+        "t2i_train",
+        "model=vqgan",
+        "data=webdataset",
+        f"data.train_urls={shards}",
+        "data.image_size=32",
+        "trainer.max_steps=2",
+        f"hydra.run.dir={vq}",
+        *TINY_TRAIN,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     muse = tmp_path / "muse"
-    proc = run_cli("t2i_train", "model=muse", "data=webdataset", f"data.train_urls={shards}", "data.image_size=32",
-                   f"model.tokenizer_checkpoint={vq}/checkpoints/last.ckpt", "trainer.max_steps=2",
-                   f"hydra.run.dir={muse}", *TINY_TRAIN)
+    proc = run_cli(
+        "t2i_train",
+        "model=muse",
+        "data=webdataset",
+        f"data.train_urls={shards}",
+        "data.image_size=32",
+        f"model.tokenizer_checkpoint={vq}/checkpoints/last.ckpt",
+        "trainer.max_steps=2",
+        f"hydra.run.dir={muse}",
+        *TINY_TRAIN,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (muse / ".hydra" / "config.yaml").is_file()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle in the top left\n# a comment\na blue square in the center\n")
     out = tmp_path / "samples"
-    proc = run_cli("t2i_train.sample", f"checkpoint={muse}/checkpoints/last.ckpt", f"prompts_file={prompts}",
-                   f"output_dir={out}", "images_per_prompt=2", "seed=7", "sampling.steps=3")
+    proc = run_cli(
+        "t2i_train.sample",
+        f"checkpoint={muse}/checkpoints/last.ckpt",
+        f"prompts_file={prompts}",
+        f"output_dir={out}",
+        "images_per_prompt=2",
+        "seed=7",
+        "sampling.steps=3",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    assert [line["prompt"] for line in lines] == ["a red circle in the top left"] * 2 + ["a blue square in the center"] * 2
+    assert [line["prompt"] for line in lines] == ["a red circle in the top left"] * 2 + [
+        "a blue square in the center"
+    ] * 2
     assert [line["file"] for line in lines] == ["0.png", "1.png", "2.png", "3.png"]
     assert all(line["seed"] == 7 for line in lines)
     assert all((out / line["file"]).is_file() for line in lines) and (out / "grid.png").is_file()
@@ -171,6 +245,10 @@ def test_train_sample_manifest_end_to_end(shards: Path, tmp_path: Path) -> None:
 
 
 def test_sample_with_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
-    proc = run_cli("t2i_train.sample", f"checkpoint={tmp_path}/none.ckpt", "prompts=[a red circle in the top]",
-                   f"output_dir={tmp_path}/out")
+    proc = run_cli(
+        "t2i_train.sample",
+        f"checkpoint={tmp_path}/none.ckpt",
+        "prompts=[a red circle in the top]",
+        f"output_dir={tmp_path}/out",
+    )
     assert_one_line_error(proc, "none.ckpt")

@@ -30,7 +30,9 @@ def test_there_are_configs_to_test() -> None:
     assert {"shapes_vqgan", "shapes_muse", "muse_3b"} <= set(EXPERIMENTS)
 
 
-@pytest.mark.parametrize("group", ["optimizer", "scheduler", "strategy", "trainer", "logger", "callbacks", "data"])
+@pytest.mark.parametrize(
+    "group", ["optimizer", "scheduler", "strategy", "trainer", "logger", "callbacks", "data"]
+)
 def test_every_group_option_composes(group: str) -> None:
     for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
         cfg = compose_train([f"{group}={option}"])

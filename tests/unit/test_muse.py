@@ -159,9 +159,23 @@ def test_generate_shape_range_and_seed_determinism() -> None:
 
 def test_generation_fills_every_token_with_a_codebook_entry() -> None:
     model = tiny_muse().eval()
-    tokens = model._decode(CAPTIONS, 5, 2.0, "linear", 1.0, None, torch.Generator().manual_seed(0))
+    tokens = model.generate_tokens(CAPTIONS, steps=5, guidance_scale=2.0, seed=0)
     assert tokens.shape == (3, 16)
     assert tokens.min() >= 0 and tokens.max() < model.codebook_size  # no [MASK] left
+
+
+def test_top_k_and_sample_temperature() -> None:
+    model = tiny_muse().eval()
+
+    def tokens(seed: int, **options: object) -> torch.Tensor:
+        return model.generate_tokens(CAPTIONS, steps=4, temperature=0.0, seed=seed, **options)
+
+    # top-1 without confidence noise is greedy decoding: the seed no longer matters
+    assert torch.equal(tokens(0, top_k=1), tokens(1, top_k=1))
+    assert torch.equal(tokens(0, sample_temperature=1e-4), tokens(1, top_k=1))
+    assert not torch.equal(tokens(0), tokens(1))
+    with pytest.raises(ConfigError):
+        tokens(0, sample_temperature=0.0)
 
 
 def test_loss_compatibility() -> None:
@@ -189,7 +203,7 @@ def test_tokenizer_checkpoint_is_loaded(tmp_path: Path) -> None:
     with no_weight_loading():
         untouched = tiny_muse(tokenizer_checkpoint=str(path))
     assert not torch.equal(untouched.tokenizer.codebook.weight, stage1.codebook.weight)
-    with pytest.raises(ConfigError, match="does not fit model.tokenizer"):
+    with pytest.raises(ConfigError, match=r"does not fit model\.tokenizer"):
         tiny_muse(tokenizer=TinyVQ(codebook_size=64), tokenizer_checkpoint=str(path))
 
 
@@ -246,7 +260,7 @@ def test_learns_a_prompt_to_token_mapping() -> None:
         opt.step()
     model.eval()
     decoded = [
-        model._decode(prompts, 4, 2.0, "constant", 1.0, None, torch.Generator().manual_seed(seed))
+        model.generate_tokens(prompts, steps=4, guidance_scale=2.0, guidance_schedule="constant", seed=seed)
         for seed in (1, 2)
     ]
     # text-blind: ~0.27 (one grid in four, plus chance agreements); trained: ~0.9

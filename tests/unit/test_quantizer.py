@@ -135,6 +135,7 @@ def _restart_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes: ~10-30 s of interpreter start-up on 2 cores
 @pytest.mark.distributed
 def test_restarts_are_identical_across_ranks(tmp_path: object) -> None:
     mp.spawn(_restart_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
