@@ -51,6 +51,8 @@ def build_callbacks(cfg: DictConfig, sample_prompts: list[str]) -> list[L.Callba
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None or "_target_" not in node:
             continue
+        if name == "progress" and not cfg.trainer.get("enable_progress_bar", True):
+            continue
         extra = {"prompts": sample_prompts} if name == "samples" else {}
         callbacks.append(instantiate(node, **extra, _convert_="all"))
     return callbacks

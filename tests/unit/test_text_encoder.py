@@ -57,6 +57,15 @@ def test_truncation_and_fixed_padding() -> None:
         T5TextEncoder(padding="left")
 
 
+def test_dtype() -> None:
+    enc = T5TextEncoder(dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in enc.parameters())
+    emb, _ = enc(PROMPTS[:1])
+    assert emb.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="dtype"):
+        T5TextEncoder(dtype="float33")
+
+
 def test_null_condition_is_the_padded_empty_prompt() -> None:
     enc = T5TextEncoder()
     null, null_mask = enc.null_condition(4, 10)

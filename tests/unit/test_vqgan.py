@@ -236,3 +236,40 @@ def test_vqgan_without_discriminator_trains_with_generic_task() -> None:
     trainer = _fit(task, max_steps=2)
     assert trainer.global_step == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------ tiny recipe
+def _shapes(n: int, seed: int) -> torch.Tensor:
+    import numpy as np
+
+    from t2i_train.data.synthetic import all_combinations, render_scene
+
+    rng = np.random.default_rng(seed)
+    combos = all_combinations()
+    pixels = [
+        np.asarray(render_scene(*combos[rng.integers(len(combos))], size=32, rng=rng)[0]) for _ in range(n)
+    ]
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@pytest.mark.slow
+def test_tiny_config_learns_shapes() -> None:
+    """The tiny YAML with the recommended recipe (Adam 5e-4, batch 16) beats a flat-background guess
+    (~17 dB) on held-out shapes within 200 steps and uses most of its codebook."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "vqgan.yaml"), resolve=True)
+    cfg.pop("_target_")
+    model, loss = VQGAN(**cfg), VQGANLoss(l1_weight=1.0, l2_weight=1.0)
+    train, test = _shapes(2000, 0), _shapes(128, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.99))
+    for _ in range(200):
+        batch = train[torch.randint(0, len(train), (16,))]
+        opt.zero_grad()
+        loss(model({"image": batch}))["loss"].backward()
+        opt.step()
+    model.eval()
+    idx = model.encode_to_indices(test)
+    mse = ((model.decode_indices(idx) - test) / 2).pow(2).mean()
+    assert 10 * torch.log10(1 / mse) > 19.0
+    assert idx.unique().numel() > 0.5 * model.codebook_size
