@@ -40,6 +40,7 @@ train: $(STAMP)  ## shapes data -> VQGAN -> Muse -> samples -> prompt-following 
 	for split in seen heldout; do \
 		$(BIN)/python -m t2i_train.sample checkpoint=$(OUT)/muse/checkpoints/last.ckpt \
 			prompts_file=$(DATA)/prompts_$$split.txt images_per_prompt=4 output_dir=$(OUT)/samples_$$split \
+			sampling.steps=12 sampling.sample_temperature=0.5 \
 			|| exit 1; \
 		$(BIN)/python -m t2i_train.evaluate prompt_following samples_dir=$(OUT)/samples_$$split || exit 1; \
 	done

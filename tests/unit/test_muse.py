@@ -13,6 +13,7 @@ from t2i_train.errors import ConfigError, DataError
 from t2i_train.losses.base import Loss
 from t2i_train.losses.masked_ce import MaskedCrossEntropy
 from t2i_train.models.muse import Muse
+from t2i_train.nn.transformer import Transformer
 from t2i_train.text.t5 import T5TextEncoder
 from t2i_train.weights import no_weight_loading
 
@@ -38,6 +39,25 @@ class TinyVQ(nn.Module):
 
     def decode_indices(self, idx: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.decoder(self.codebook(idx).permute(0, 3, 1, 2)))
+
+
+def test_transformer_masks() -> None:
+    """Shared blocks (also used by CM3leon/GILL): key padding and causal masks hide what they should."""
+    torch.manual_seed(0)
+    net = Transformer(16, 2, 2, 32, cross_attention=True, context_dim=8).eval()
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 4, 8)
+    keep = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    out = net(x, ctx, keep)
+    ctx2 = ctx.clone()
+    ctx2[0, 2:] += 10.0  # only padded keys of row 0 change
+    assert torch.allclose(net(x, ctx2, keep), out, atol=1e-6)
+    assert not torch.allclose(net(x, ctx2), net(x, ctx), atol=1e-3)
+    causal = net(x, ctx, causal=True)
+    x2 = x.clone()
+    x2[:, 3:] = torch.randn(2, 2, 16)  # the future of positions 0..2
+    later = net(x2, ctx, causal=True)
+    assert torch.allclose(later[:, :3], causal[:, :3], atol=1e-6)
+    assert not torch.allclose(later[:, 3:], causal[:, 3:], atol=1e-3)
 
 
 def tiny_muse(**overrides: object) -> Muse:
