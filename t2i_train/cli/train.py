@@ -97,8 +97,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     task = build_task(cfg)
     if hasattr(datamodule, "prepare_data"):
         datamodule.prepare_data()
+    trainer_overrides = {}
+    if not task.automatic_optimization:  # Lightning refuses Trainer-level clipping under manual optimization
+        task.gradient_clip_val = cfg.trainer.get("gradient_clip_val")
+        trainer_overrides["gradient_clip_val"] = None
     trainer: L.Trainer = instantiate(
         cfg.trainer,
+        **trainer_overrides,
         strategy=build_strategy(cfg),
         callbacks=build_callbacks(cfg, sample_prompts_for(cfg, datamodule)),
         logger=build_loggers(cfg),

@@ -92,3 +92,15 @@ def test_tiny_model_trains_two_steps(name: str, tmp_path: Path, small_data_overr
 @pytest.mark.parametrize("name", sorted(set(EXPERIMENTS) - PAPER_SIZE))
 def test_tiny_experiment_trains_two_steps(name: str, tmp_path: Path, small_data_overrides: list[str]) -> None:
     _train_two_steps([f"experiment={name}", *_two_step_overrides(tmp_path, small_data_overrides)], tmp_path)
+
+
+def test_vqgan_with_discriminator_trains_through_the_cli_config(
+    tmp_path: Path, small_data_overrides: list[str]
+) -> None:
+    """GANTask (manual optimization) must get its clipping from trainer.gradient_clip_val, not the Trainer."""
+    overrides = [
+        "model=vqgan",
+        "loss.adversarial_weight=0.1",
+        *_two_step_overrides(tmp_path, small_data_overrides),
+    ]
+    _train_two_steps(overrides, tmp_path)
