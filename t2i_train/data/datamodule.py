@@ -49,6 +49,7 @@ from t2i_train.data.transforms import (
     decode_image,
     first_image_key,
     parse_meta,
+    read_array,
     to_batch,
 )
 from t2i_train.errors import ConfigError, DataError, T2IError
@@ -397,18 +398,27 @@ class _Batch(wds.PipelineStage):
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         skipped, self.state.pending = self.state.pending, 0
-        return {
-            "image": to_batch([s["image"] for s in samples]),
+        batch: dict[str, Any] = {
             "caption": [s["caption"] for s in samples],
             "meta": [s["meta"] for s in samples],
             "key": [s["key"] for s in samples],
             "caption_source": [s["caption_source"] for s in samples],
             "skipped": torch.tensor(skipped, dtype=torch.long),
         }
+        if "image" in samples[0]:
+            batch["image"] = to_batch([s["image"] for s in samples])
+        for field in samples[0].get("fields", {}):
+            batch[field] = torch.from_numpy(np.stack([s["fields"][field] for s in samples]))
+        return batch
 
 
 class SampleDecoder:
-    """Raw tar sample -> {image, caption, meta, key, caption_source}; raises SkipSample when unusable."""
+    """Raw tar sample -> {image, caption, meta, key, caption_source, fields}; SkipSample when unusable.
+
+    ``fields`` names pre-encoded arrays stored as ``<field>.npy`` by ``python -m t2i_train.encode``
+    (e.g. ``image_tokens``); with ``load_images=False`` the image is not decoded at all (a stage-2 run on
+    pre-encoded shards then spends no data-loading time on pixels).
+    """
 
     def __init__(
         self,
@@ -417,24 +427,34 @@ class SampleDecoder:
         random_flip: bool = False,
         caption_keys: Sequence[str] = ("txt",),
         caption_probs: Sequence[float] | None = None,
+        fields: Sequence[str] = (),
+        load_images: bool = True,
     ) -> None:
         if resize not in RESIZE_MODES:
             raise ConfigError(f"data.resize must be one of {list(RESIZE_MODES)}, got {resize!r}")
+        if not load_images and not fields:
+            raise ConfigError("data.load_images=false needs pre-encoded data.fields (e.g. [image_tokens])")
         self.image_size, self.resize, self.random_flip = image_size, resize, random_flip
         self.pick_caption = CaptionPicker(caption_keys, caption_probs)
+        self.fields, self.load_images = list(fields), load_images
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-        image_key = first_image_key(raw)
         meta = parse_meta(raw)
         caption, source = self.pick_caption(raw, meta, rng)
-        image = decode_image(raw[image_key], self.image_size, self.resize, self.random_flip, rng)
-        return {
-            "image": image,
+        sample: dict[str, Any] = {
             "caption": caption,
             "meta": meta,
             "key": raw["__key__"],
             "caption_source": source,
         }
+        if self.load_images:
+            image_key = first_image_key(raw)
+            sample["image"] = decode_image(
+                raw[image_key], self.image_size, self.resize, self.random_flip, rng
+            )
+        if self.fields:
+            sample["fields"] = {field: read_array(raw, field) for field in self.fields}
+        return sample
 
 
 class ShardStream(wds.DataPipeline):
@@ -549,6 +569,8 @@ class ShardDataModule(L.LightningDataModule):
         allow_pipe: bool = False,
         synthetic: dict[str, Any] | None = None,
         cache_dir: str | None = None,
+        fields: list[str] | tuple[str, ...] = (),
+        load_images: bool = True,
     ) -> None:
         super().__init__()
         if train_urls is None and synthetic is None:
@@ -563,13 +585,17 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.resampled, self.samples_per_epoch = resampled, samples_per_epoch
         self.seed, self.max_skip_rate, self.allow_pipe = seed, max_skip_rate, allow_pipe
-        self.decoder = SampleDecoder(image_size, resize, random_flip, list(caption_keys), caption_probs)
+        self.decoder = SampleDecoder(
+            image_size, resize, random_flip, list(caption_keys), caption_probs, list(fields), load_images
+        )
         self.val_decoder = SampleDecoder(
             image_size,
             "center_crop" if resize == "random_crop" else resize,
             False,
             list(caption_keys),
             caption_probs,
+            list(fields),
+            load_images,
         )
         self.synthetic = dict(synthetic) if synthetic is not None and train_urls is None else None
         if synthetic is not None and train_urls is not None:

@@ -140,3 +140,17 @@ def first_image_key(raw: Mapping[str, Any]) -> str:
             return key
     present = sorted(k for k in raw if not k.startswith("__"))
     raise SkipSample(f"no image (keys {', '.join(IMAGE_KEYS)}; sample has {', '.join(present) or 'nothing'})")
+
+
+def read_array(raw: Mapping[str, Any], field: str) -> np.ndarray:
+    """The pre-encoded ``<field>.npy`` of a sample (written by ``python -m t2i_train.encode``)."""
+    data = raw.get(f"{field}.npy")
+    if data is None:
+        raise SkipSample(
+            f"no {field}.npy (data.fields asks for it: write it with `python -m t2i_train.encode "
+            "checkpoint=<stage-1 .ckpt> input_urls=... output_dir=...`)"
+        )
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise SkipSample(f"unreadable {field}.npy ({type(exc).__name__}: {exc})") from exc

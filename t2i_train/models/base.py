@@ -75,3 +75,13 @@ class Family(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[str], **sampling: Any) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} does not generate images")
+
+    @torch.no_grad()
+    def pre_encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fields that ``python -m t2i_train.encode`` stores per sample for stage-2 training.
+
+        Images [B, 3, H, W] in [-1, 1] -> {field name: tensor with leading dim B}; the names are the batch
+        keys stage-2 families read instead of running this (frozen) encoder in the loop: ``image_tokens``
+        (VQGAN), ``latents`` (VAE), ``clip_image_emb`` (CLIP).
+        """
+        raise ConfigError(f"model={self.family_name} has no pre-encoded fields; encode with a stage-1 model")

@@ -210,6 +210,13 @@ class VQGAN(Family):
         return self.decoder(self.post_quant_conv(z_q)).clamp(-1.0, 1.0)
 
     @torch.no_grad()
+    def pre_encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``image_tokens`` [B, h, w] (int16 when the codebook fits) for Muse and other token models."""
+        indices = self.encode_to_indices(images)
+        dtype = torch.int16 if self.codebook_size <= torch.iinfo(torch.int16).max else torch.int32
+        return {"image_tokens": indices.to(dtype)}
+
+    @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Encode, quantize and decode ``images`` in [-1, 1]; returns images in [-1, 1]."""
         return self.decode_indices(self.encode_to_indices(images))

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 
 from t2i_train.errors import ConfigError
-from t2i_train.text.base import TextEncoder
+from t2i_train.text.base import PromptCache, TextEncoder
 from t2i_train.weights import weight_loading_enabled
 
 BYTE_TOKENIZER = "byt5"
@@ -41,6 +41,8 @@ class T5TextEncoder(TextEncoder):
             "byt5").
         padding: "longest" (pad to the batch's longest prompt) or "max_length" (fixed shapes).
         dtype: store the (frozen) weights in this dtype, e.g. "bfloat16" halves T5-XXL's 19 GB; None = fp32.
+        cache_size: remember the output for this many distinct prompts while the encoder is frozen and in
+            eval mode (see :class:`PromptCache`); 0 = off.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class T5TextEncoder(TextEncoder):
         tokenizer: str | None = None,
         padding: str = "longest",
         dtype: str | None = None,
+        cache_size: int = 0,
     ) -> None:
         super().__init__()
         if padding not in ("longest", "max_length"):
@@ -88,6 +91,7 @@ class T5TextEncoder(TextEncoder):
                 self.model = T5EncoderModel(config)
         self.model.to(torch_dtype)
         self.dim = d_model
+        self.cache = PromptCache(cache_size) if cache_size > 0 else None
 
     @property
     def tokenizer(self) -> Any:
@@ -111,6 +115,14 @@ class T5TextEncoder(TextEncoder):
         return out["input_ids"].to(device), out["attention_mask"].to(device).bool()
 
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        frozen = not self.training and not any(p.requires_grad for p in self.parameters())
+        if self.cache is None or not frozen or not prompts:
+            return self.encode(prompts)
+        pad_to = self.max_length if self.padding == "max_length" else None
+        return self.cache(list(prompts), self.encode, pad_to)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the encoder (no cache): embeddings [B, L, dim] (zero on padding) and mask [B, L]."""
         ids, mask = self.tokenize(prompts)
         hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return hidden * mask[..., None].to(hidden.dtype), mask

@@ -205,13 +205,28 @@ def test_train_sample_manifest_end_to_end(shards: Path, tmp_path: Path) -> None:
         *TINY_TRAIN,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    encoded = tmp_path / "encoded"
+    proc = run_cli(
+        "t2i_train.encode",
+        f"checkpoint={vq}/checkpoints/last.ckpt",
+        f"input_urls={shards}",
+        f"output_dir={encoded}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert (
+        report["fields"] == {"image_tokens": {"dtype": "int16", "shape": [8, 8]}} and report["dropped"] == 0
+    )
+    assert (encoded / "encoded.json").is_file()
     muse = tmp_path / "muse"
     proc = run_cli(
         "t2i_train",
         "model=muse",
         "data=webdataset",
-        f"data.train_urls={shards}",
+        f"data.train_urls={encoded}",
         "data.image_size=32",
+        "data.fields=[image_tokens]",
+        "data.load_images=false",
         f"model.tokenizer_checkpoint={vq}/checkpoints/last.ckpt",
         "trainer.max_steps=2",
         f"hydra.run.dir={muse}",
@@ -252,3 +267,17 @@ def test_sample_with_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
         f"output_dir={tmp_path}/out",
     )
     assert_one_line_error(proc, "none.ckpt")
+
+
+def test_encode_bad_arguments_are_one_line(shards: Path, tmp_path: Path) -> None:
+    proc = run_cli(
+        "t2i_train.encode",
+        f"checkpoint={tmp_path}/none.ckpt",
+        f"input_urls={shards}",
+        f"output_dir={tmp_path}/o",
+    )
+    assert_one_line_error(proc, "none.ckpt")
+    proc = run_cli(
+        "t2i_train.encode", "checkpoint=x", f"input_urls={shards}", f"output_dir={tmp_path}/o", "colour=red"
+    )
+    assert_one_line_error(proc, "unknown argument 'colour'")

@@ -105,3 +105,21 @@ def test_no_weight_loading_builds_from_dims_on_meta(tmp_path: Path) -> None:
     assert all(p.device.type == "meta" for p in enc.parameters())
     assert sum(p.numel() for p in enc.parameters()) > 4.5e9  # T5-XXL encoder ≈ 4.7B
     assert enc._tokenizer is None  # nothing read yet
+
+
+def test_prompt_cache_matches_the_encoder_and_is_bypassed_while_trainable() -> None:
+    enc = T5TextEncoder(cache_size=3)
+    prompts = ["a red circle", "blue square at the top", "a red circle", ""]
+    enc.eval()
+    uncached = enc(prompts)  # weights still take gradients: no cache
+    assert enc.cache is not None and enc.cache.misses == 0
+    enc.requires_grad_(False)
+    for _ in range(2):
+        emb, mask = enc(prompts)
+        assert torch.equal(mask, uncached[1]) and torch.allclose(emb, uncached[0], atol=1e-6)
+    assert enc.cache.misses == 3 and enc.cache.hits == 5
+    enc(["one", "two", "three"])
+    assert len(enc.cache.entries) == 3 and "a red circle" not in enc.cache.entries  # least recently used went
+    fixed = T5TextEncoder(cache_size=8, padding="max_length", max_length=20).requires_grad_(False).eval()
+    emb, mask = fixed(prompts)
+    assert emb.shape[1] == 20 and torch.allclose(emb, fixed.encode(prompts)[0], atol=1e-6)
