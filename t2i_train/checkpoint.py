@@ -1,8 +1,12 @@
-"""Reading families back from training checkpoints.
+"""Reading families back from training checkpoints and exported weights.
 
 A training checkpoint is Lightning's ``.ckpt`` with two additions written by the task:
 ``checkpoint["t2i_config"]`` (the whole resolved Hydra config as plain containers) and, when EMA is on,
 ``checkpoint["ema"]`` (EMA weights keyed like ``model.state_dict()``).
+
+An export (``python -m t2i_train.export``) is a folder: ``model.safetensors`` (the consolidated weights, EMA
+when the run had it), ``config.yaml`` (the resolved config) and ``export.json``. Everything that reads a
+checkpoint accepts either form.
 """
 
 from __future__ import annotations
@@ -16,9 +20,19 @@ from hydra.utils import instantiate
 from t2i_train.errors import CheckpointError
 from t2i_train.models.base import Family
 
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.yaml"
+
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training ``.ckpt`` or an export folder, as a dict with ``t2i_config`` and ``state_dict``."""
     path = Path(path).expanduser()
+    if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
+        return read_export(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a folder without {EXPORT_WEIGHTS}; pass a .ckpt file or a folder written by t2i_train.export"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (pass the path of a .ckpt written by training)")
     try:
@@ -53,9 +67,12 @@ def model_state_dict(ckpt: dict[str, Any], use_ema: bool = True) -> dict[str, to
     return state
 
 
-def load_family(path: str | Path, use_ema: bool = True) -> Family:
-    """Rebuild the family stored in a training checkpoint, with its (EMA) weights, in eval mode."""
-    ckpt = read_checkpoint(path)
+def load_family(path: str | Path, use_ema: bool = True, ckpt: dict[str, Any] | None = None) -> Family:
+    """Rebuild the family stored in a training checkpoint, with its (EMA) weights, in eval mode.
+
+    ``ckpt``: the already-read checkpoint at ``path`` (saves reading a big file twice).
+    """
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     model_cfg = _without_stage1_paths(ckpt["t2i_config"]["model"])
     model = instantiate(model_cfg, _convert_="all")
     missing, unexpected = model.load_state_dict(model_state_dict(ckpt, use_ema), strict=False)
@@ -64,3 +81,18 @@ def load_family(path: str | Path, use_ema: bool = True) -> Family:
             f"{path} does not match its model config: missing={list(missing)[:5]} unexpected={list(unexpected)[:5]}"
         )
     return model.eval()
+
+
+def read_export(folder: Path) -> dict[str, Any]:
+    """An export folder in the shape of a training checkpoint (weights already EMA where the run had EMA)."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    config_path = folder / EXPORT_CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{folder} has {EXPORT_WEIGHTS} but no {EXPORT_CONFIG}; re-run t2i_train.export"
+        )
+    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    weights = load_file(str(folder / EXPORT_WEIGHTS))
+    return {"t2i_config": config, "state_dict": {f"model.{k}": v for k, v in weights.items()}}

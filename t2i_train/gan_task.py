@@ -16,7 +16,7 @@ Decisions:
   optimization; clipping is configured here (``gradient_clip_val`` / ``gradient_clip_algorithm``) and applied
   in ``on_before_optimizer_step``, i.e. after AMP un-scaling, to both optimizers.
 - Schedulers (one per optimizer, from the same factory) are stepped here after each optimizer step.
-- EMA is updated by the base task's ``on_train_batch_end``, which runs after the generator step.
+- EMA is updated at the end of ``training_step``, after the generator step (before any callback).
 - Under DDP the discriminator step leaves the generator's parameters without gradients: use a strategy with
   ``find_unused_parameters=True``.
 """
@@ -121,3 +121,4 @@ class GANTask(T2ITask):
         self.untoggle_optimizer(g_opt)
         self.log_terms(g_terms, "train", batch_size=batch_size)
         self.log_data_stats(batch)
+        self.update_ema()

@@ -6,10 +6,13 @@ task (see ``t2i_train.gan_task``) instead of adding special cases here.
 
 from __future__ import annotations
 
+import random
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,6 +21,19 @@ from t2i_train.models.base import Family
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed every global RNG (torch CPU and CUDA, numpy, random) from (run seed, batch index, rank).
+
+    Called before each training step, so a step's randomness (masking, condition dropout, noise) depends
+    only on which step it is: a run resumed from any checkpoint draws exactly what the uninterrupted run drew,
+    whatever consumed random numbers in between (sampling callbacks, validation), with no RNG state to save.
+    """
+    value = zlib.crc32(f"{seed}/{step}/{rank}".encode())
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
 
 
 class EMA(nn.Module):
@@ -86,6 +102,9 @@ class T2ITask(L.LightningModule):
         self.ema = EMA(model, ema_decay, ema_start_step) if ema_decay else None
         #: the resolved run config, written into every checkpoint by the CLI (plain containers).
         self.run_config: dict[str, Any] | None = None
+        #: base of the per-step seeds (the run's ``seed``; the CLI sets it); None leaves the RNGs alone.
+        self.step_seed: int | None = None
+        self.skipped_samples = 0
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -116,10 +135,26 @@ class T2ITask(L.LightningModule):
     def log_data_stats(self, batch: dict[str, Any]) -> None:
         skipped = batch.get("skipped")
         if skipped is not None:
-            self.skipped_samples = getattr(self, "skipped_samples", 0) + int(torch.as_tensor(skipped).sum())
+            self.skipped_samples += int(torch.as_tensor(skipped).sum())
             self.log("data/skipped_total", float(self.skipped_samples), on_step=True)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.step_seed is not None:
+            seed_step(self.step_seed, self.batches_seen(), self.global_rank)
+
+    def batches_seen(self) -> int:
+        """Training batches started so far in the run (restored on resume; counts every micro-batch of
+        gradient accumulation, unlike ``global_step``)."""
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.ready)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update.
+
+        Updating here (rather than in ``on_train_batch_end``) puts the update before any callback of the
+        same batch, so a checkpoint written at the end of a batch already holds that batch's EMA, and once per
+        optimizer step under gradient accumulation.
+        """
+        super().optimizer_step(*args, **kwargs)
         self.update_ema()
 
     def update_ema(self) -> None:
@@ -140,10 +175,12 @@ class T2ITask(L.LightningModule):
             checkpoint["t2i_config"] = self.run_config
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state()
+        checkpoint["t2i_skipped_samples"] = self.skipped_samples
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load(checkpoint["ema"])
+        self.skipped_samples = int(checkpoint.get("t2i_skipped_samples", 0))
 
     # ------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()

@@ -3,7 +3,8 @@
 Writes ``DIR/<n>.png`` for every image, ``DIR/grid.png`` (one row per prompt) and ``DIR/manifest.jsonl`` with
 one line per image: ``{"prompt": ..., "file": "<n>.png", "seed": ..., "batch_seed": ...}``. Images are drawn in
 batches of ``batch_size``; the generator of each batch is seeded with ``batch_seed = seed + n_first`` so the
-same command reproduces the same files.
+same command reproduces the same files. Sampling options default to those the run sampled its grids with
+(``sampling.kwargs`` of its training config, stored in the checkpoint); ``sampling.<arg>=value`` overrides them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from t2i_train.checkpoint import load_family
+from t2i_train.checkpoint import load_family, read_checkpoint
 from t2i_train.cli.common import CONF_DIR, allow_new_keys, user_errors_exit
 from t2i_train.errors import ConfigError
 
@@ -81,12 +82,20 @@ def sample_to_dir(
     return manifest
 
 
+def training_sampling_kwargs(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The ``sampling.kwargs`` the checkpoint's run used for its sample grids ({} if none)."""
+    config = ckpt["t2i_config"]
+    return dict((config.get("sampling") or {}).get("kwargs") or {})
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
 @user_errors_exit
 def _hydra_main(cfg: DictConfig) -> None:
     prompts = read_prompts(cfg.prompts, cfg.prompts_file)
-    model = load_family(cfg.checkpoint, use_ema=cfg.use_ema).to(pick_device(cfg.device))
-    sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
+    ckpt = read_checkpoint(cfg.checkpoint)
+    model = load_family(cfg.checkpoint, use_ema=cfg.use_ema, ckpt=ckpt).to(pick_device(cfg.device))
+    sampling = {**training_sampling_kwargs(ckpt), **OmegaConf.to_container(cfg.sampling, resolve=True)}
+    log.info("sampling with %s", sampling)
     out = Path(cfg.output_dir)
     manifest = sample_to_dir(
         model, prompts, out, cfg.images_per_prompt, cfg.seed, cfg.batch_size, sampling, cfg.grid_columns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def build_task(cfg: DictConfig, model: Family | None = None) -> L.LightningModul
         **instantiate(cfg.get("task") or {}, _convert_="all"),
     )
     task.run_config = OmegaConf.to_container(cfg, resolve=True)
+    task.step_seed = int(cfg.seed)
     return task
 
 
@@ -73,19 +75,29 @@ def sample_prompts_for(cfg: DictConfig, datamodule: Any) -> list[str]:
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
+    """The checkpoint to continue from: None, an explicit path, or (``auto``) the newest of the run dir's
+    ``checkpoints/last.ckpt`` and the ``hpc_ckpt_<n>.ckpt`` Lightning writes on SLURM's requeue signal."""
     if resume in (None, "", "none"):
         return None
     if resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            log.info("resuming from %s", last)
-            return str(last)
-        log.info("resume=auto: no checkpoint in %s yet, starting fresh", last.parent)
+        candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+        existing = [path for path in candidates if path.is_file()]
+        if existing:
+            newest = max(existing, key=lambda path: path.stat().st_mtime)
+            log.info("resuming from %s", newest)
+            return str(newest)
+        log.info("resume=auto: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
         return None
     path = Path(resume).expanduser()
     if not path.is_file():
         raise CheckpointError(f"resume={resume}: no such checkpoint file (use resume=auto or a .ckpt path)")
     return str(path)
+
+
+def last_checkpoint_is_current(trainer: L.Trainer, last: Path) -> bool:
+    """Whether ``last.ckpt`` already holds the final step (the periodic save may have landed earlier)."""
+    saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
+    return last.is_file() and saved == trainer.global_step
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -112,8 +124,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_resume(cfg.get("resume"), run_dir)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     last = run_dir / "checkpoints" / "last.ckpt"
-    if trainer.is_global_zero and not last.is_file():
-        trainer.save_checkpoint(last)
+    if not last_checkpoint_is_current(trainer, last):
+        trainer.save_checkpoint(last)  # every rank calls it: a collective under sharded strategies
     result = {"run_dir": str(run_dir), "last_checkpoint": str(last), "global_step": trainer.global_step}
     if trainer.is_global_zero:
         log.info("finished at step %d; checkpoint: %s", trainer.global_step, last)
@@ -129,6 +141,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # the submitit launcher configs keep the plugin's schema names; Hydra 1.3 warns about that on every run
+    warnings.filterwarnings("ignore", message=".*validated against ConfigStore schema")
     check_group_choices(sys.argv[1:])
     sys.argv[1:] = allow_new_keys(sys.argv[1:], ("sampling.kwargs.", "task."))
     _hydra_main()

@@ -27,7 +27,7 @@ import sys
 import tarfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from glob import glob
@@ -536,8 +536,37 @@ class ShardLoader(DataLoader):
         kwargs.pop("batch_size", None)
         kwargs.setdefault("collate_fn", _identity)  # batches are built in the stream; skip default_convert
         super().__init__(dataset, batch_size=None, **kwargs)
+        self._skip_next = 0
+        #: returns the batches of the current epoch the training loop has completed (set by the data module)
+        self.batches_done: Callable[[], int] | None = None
         if follow_epoch:
             self.sampler.set_epoch = dataset.set_epoch  # type: ignore[attr-defined]
+
+    # Lightning treats a loader with state_dict/load_state_dict as stateful: the state goes into every
+    # checkpoint, and on resume load_state_dict is called right before the loader's first iteration.
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.dataset.epoch.get()}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume mid-epoch: the same epoch, minus the batches the checkpointed run already trained on.
+
+        The order of an epoch is a function of (seed, epoch, rank, worker), so replaying it and dropping the
+        batches already used puts the stream exactly where it was (they are read again but never reach the
+        model). The count comes from the restored training loop (``batches_done``), not from this loader,
+        which has always read ahead of the loop.
+        """
+        if state.get("epoch", -1) >= 0:
+            self.dataset.set_epoch(int(state["epoch"]))  # type: ignore[attr-defined]
+        self._skip_next = self.batches_done() if self.batches_done is not None else 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        iterator = super().__iter__()
+        skip, self._skip_next = self._skip_next, 0
+        if skip:
+            log.info("resuming mid-epoch: fast-forwarding the data stream past %d batches", skip)
+            for _ in islice(iterator, skip):
+                pass
+        return iterator
 
 
 # -------------------------------------------------------------------------------------------- the module
@@ -701,7 +730,21 @@ class ShardDataModule(L.LightningDataModule):
             batches_per_worker=per_worker,
             epoch=self._epoch,
         )
-        return self._loader(stream, workers)
+        loader = self._loader(stream, workers)
+        loader.batches_done = self._batches_done_in_epoch
+        return loader
+
+    def _batches_done_in_epoch(self) -> int:
+        """Batches of the current epoch whose training step ran, as restored from a checkpoint.
+
+        ``processed`` rather than ``completed``: a checkpoint written in ``on_train_batch_end`` (the usual
+        case) is taken before Lightning marks that batch completed, and Lightning corrects its own counter
+        only after the loader has been restored.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def val_dataloader(self) -> ShardLoader | list[Any]:
         if not self.train_shards:

@@ -257,6 +257,23 @@ def test_train_sample_manifest_end_to_end(shards: Path, tmp_path: Path) -> None:
     proc = run_cli("t2i_train.evaluate", "prompt_following", f"samples_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 0.0 <= json.loads(proc.stdout)["all"] <= 1.0
+    # an export samples exactly like the checkpoint it came from
+    proc = run_cli("t2i_train.export", f"checkpoint={muse}/checkpoints/last.ckpt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["output_dir"] == str(muse / "export")
+    again = tmp_path / "samples_from_export"
+    proc = run_cli(
+        "t2i_train.sample",
+        f"checkpoint={muse}/export",
+        f"prompts_file={prompts}",
+        f"output_dir={again}",
+        "images_per_prompt=2",
+        "seed=7",
+        "sampling.steps=3",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in lines:
+        assert (again / line["file"]).read_bytes() == (out / line["file"]).read_bytes()
 
 
 def test_sample_with_missing_checkpoint_is_one_line(tmp_path: Path) -> None:

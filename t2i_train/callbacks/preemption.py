@@ -1,0 +1,74 @@
+"""Save ``last.ckpt`` when the job is told to stop (SIGTERM, SIGUSR1), so `resume=auto` loses nothing.
+
+- SIGTERM (SLURM preemption, `scancel`, `scontrol requeue`, Kubernetes): Lightning finishes the current
+  step and raises ``SIGTERMException`` on every rank; this callback then writes ``last.ckpt``.
+- SIGUSR1 outside SLURM's auto-requeue (a scheduler's "time is nearly up" warning): the run stops after
+  the current step, writes ``last.ckpt`` and exits normally. Under SLURM with auto-requeue, Lightning owns
+  SIGUSR1 (it writes ``hpc_ckpt_<n>.ckpt`` into the run dir and requeues the job); `resume=auto` picks
+  whichever of that and ``last.ckpt`` is newer.
+
+Checkpoint files are written atomically by Lightning (serialised in memory, then written through an fsspec
+transaction that renames a temporary file), so a kill during the save leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+class SaveOnSignal(L.Callback):
+    """Write ``path`` (the run's ``last.ckpt``) when a stop signal arrives; see the module docstring."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.requested = False
+        self._previous: Any = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        env = trainer._accelerator_connector.cluster_environment
+        slurm_owns_usr1 = isinstance(env, SLURMEnvironment) and env.auto_requeue
+        if stage == "fit" and not slurm_owns_usr1 and hasattr(signal, "SIGUSR1"):
+            try:
+                self._previous = signal.signal(signal.SIGUSR1, self._on_usr1)
+            except ValueError:  # not the main thread: leave signals alone
+                self._previous = None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+    def _on_usr1(self, signum: int, frame: Any) -> None:
+        log.info("received SIGUSR1: stopping after this step and saving %s", self.path)
+        self.requested = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        requested = self.requested
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            self._save(trainer, "SIGUSR1")
+            trainer.should_stop = True
+            self.requested = False
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer, "SIGTERM")
+
+    def _save(self, trainer: L.Trainer, why: str) -> None:
+        trainer.save_checkpoint(self.path)
+        if trainer.is_global_zero:
+            log.info(
+                "%s: saved %s at step %d; continue with resume=auto", why, self.path, trainer.global_step
+            )
