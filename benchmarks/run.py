@@ -1,15 +1,22 @@
 """`make bench`: speed of the tiny families on this machine, measured side by side in one run.
 
 Prints, for the tiny Muse config: training steps/s at two batch sizes, and parallel-decoding images/s for
-several step counts with the ratio to the 12-step default; for the tiny VQGAN: encode+decode images/s.
+several step counts with the ratio to the 12-step default; for the tiny VQGAN: encode+decode images/s; and
+per-rank bytes of trainable parameters + optimizer state of a ~50M-parameter Muse trained by 2 CPU processes
+under DDP and under FSDP2, with their ratio (`python benchmarks/run.py memory` runs only that part).
 Numbers are wall-clock on whatever this machine is; only the ratios within one run are comparable.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -67,9 +74,49 @@ def vqgan_bench() -> dict[str, float]:
     return {"vqgan_reconstruct_images_per_s_b64": 64 / timed(lambda: model.reconstruct(images))}
 
 
+# ~50M trainable parameters (12 blocks of width 512), frozen tiny T5 and tokenizer
+MUSE_50M = ["model.dim=512", "model.depth=12", "model.heads=8", "model.mlp_dim=2048"]
+
+
+def sharding_memory_bench() -> dict[str, float]:
+    """Train one step of a ~50M Muse on 2 CPU processes under DDP and FSDP2; compare per-rank footprints."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for strategy in ("ddp", "fsdp2"):
+            run_dir = Path(tmp) / strategy
+            command = [
+                sys.executable, "-m", "t2i_train", "model=muse", f"strategy={strategy}", "callbacks=memory",
+                "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=1", "trainer.limit_val_batches=0",
+                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "sampling.every_n_steps=0",
+                "data.synthetic.count=256", "data.synthetic.val_count=32", "data.synthetic.samples_per_shard=64", f"data.cache_dir={tmp}/cache",
+                "data.num_workers=0", "data.batch_size=4", "logger=none", f"hydra.run.dir={run_dir}", *MUSE_50M,
+            ]  # fmt: skip
+            done = subprocess.run(
+                command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"{strategy} run failed:\n{done.stderr[-3000:]}")
+            report = json.loads((run_dir / "memory" / "memory_rank0.json").read_text())
+            sharded = report["trainable_param_bytes"] + report["optimizer_state_bytes"]
+            out[f"{strategy}_rank0_params_plus_optimizer_MB"] = sharded / 2**20
+            out[f"{strategy}_rank0_frozen_params_MB"] = report["frozen_param_bytes"] / 2**20
+    out["ratio_fsdp2_vs_ddp_params_plus_optimizer"] = (
+        out["fsdp2_rank0_params_plus_optimizer_MB"] / out["ddp_rank0_params_plus_optimizer_MB"]
+    )
+    return out
+
+
 def main() -> None:
     torch.manual_seed(0)
-    results = {"torch_threads": torch.get_num_threads(), **muse_bench(), **vqgan_bench()}
+    if sys.argv[1:] == ["memory"]:
+        results = sharding_memory_bench()
+    else:
+        results = {
+            "torch_threads": torch.get_num_threads(),
+            **muse_bench(),
+            **vqgan_bench(),
+            **sharding_memory_bench(),
+        }
     width = max(len(k) for k in results)
     for key, value in results.items():
         print(f"{key:<{width}}  {value:10.2f}")

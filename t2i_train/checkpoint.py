@@ -22,6 +22,8 @@ from t2i_train.models.base import Family
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint folder (FSDP2 / ModelParallelStrategy)
+LIGHTNING_META = "meta.pt"  # the non-tensor part Lightning writes beside a distributed checkpoint
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -29,6 +31,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
         return read_export(path)
+    if path.is_dir() and (path / DCP_METADATA).is_file():
+        return read_distributed_checkpoint(path)
+    if path.is_dir() and (path / "checkpoint").is_dir():
+        return read_deepspeed_checkpoint(path)
     if path.is_dir():
         raise CheckpointError(
             f"{path} is a folder without {EXPORT_WEIGHTS}; pass a .ckpt file or a folder written by t2i_train.export"
@@ -96,3 +102,42 @@ def read_export(folder: Path) -> dict[str, Any]:
     config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
     weights = load_file(str(folder / EXPORT_WEIGHTS))
     return {"t2i_config": config, "state_dict": {f"model.{k}": v for k, v in weights.items()}}
+
+
+def read_distributed_checkpoint(folder: Path) -> dict[str, Any]:
+    """A sharded checkpoint folder written under ``strategy=fsdp2``, consolidated on CPU (no process group)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    meta_path = folder / LIGHTNING_META
+    meta = torch.load(meta_path, map_location="cpu", weights_only=False) if meta_path.is_file() else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        full_path = Path(tmp) / "full.pt"
+        try:
+            dcp_to_torch_save(str(folder), str(full_path))
+        except Exception as exc:
+            raise CheckpointError(f"cannot read distributed checkpoint {folder}: {exc}") from exc
+        full = torch.load(full_path, map_location="cpu", weights_only=False)
+    checkpoint = {**meta, **full}
+    if "t2i_config" not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{folder} is not a t2i_train checkpoint (no t2i_config/state_dict inside)")
+    return checkpoint
+
+
+def read_deepspeed_checkpoint(folder: Path) -> dict[str, Any]:
+    """A DeepSpeed checkpoint folder (``strategy=deepspeed_stage_*``), consolidated with Lightning's converter."""
+    import tempfile
+
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "full.ckpt"
+        try:
+            convert_zero_checkpoint_to_fp32_state_dict(str(folder), str(out))
+        except Exception as exc:
+            raise CheckpointError(f"cannot read DeepSpeed checkpoint {folder}: {exc}") from exc
+        checkpoint = torch.load(out, map_location="cpu", weights_only=False)
+    if "t2i_config" not in checkpoint:
+        raise CheckpointError(f"{folder} is not a t2i_train checkpoint (no t2i_config inside)")
+    return checkpoint

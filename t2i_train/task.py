@@ -63,13 +63,14 @@ class EMA(nn.Module):
             shadow.lerp_(params[name].detach().to(shadow.dtype), 1.0 - decay)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {n: t.detach().cpu() for n, t in self.shadow.items()}
+        """Full (unsharded) CPU tensors; under FSDP2 this gathers the shards (every rank must call it)."""
+        return {n: _full(t).detach().cpu() for n, t in self.shadow.items()}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.names) - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
-        self.shadow = {n: state[n].clone() for n in self.names}
+        self.shadow = {n: _like(state[n], self.shadow[n]) for n in self.names}
 
     @torch.no_grad()
     def swap(self, model: nn.Module) -> None:
@@ -79,6 +80,20 @@ class EMA(nn.Module):
             current = params[name].detach().clone()
             params[name].copy_(self.shadow[name].to(params[name].device, params[name].dtype))
             self.shadow[name] = current
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a (possibly sharded) DTensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``reference``: sharded the same way when it is a DTensor."""
+    if hasattr(reference, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(reference.dtype), reference.device_mesh, reference.placements)
+    return full.to(reference.device, reference.dtype).clone()
 
 
 class T2ITask(L.LightningModule):
@@ -161,6 +176,30 @@ class T2ITask(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.model, self.global_step)
 
+    # ------------------------------------------------------------------------------------------- sharding
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy (``strategy=fsdp2``): shard the family with FSDP2 on the data-parallel mesh.
+
+        Each trained block is sharded on its own (its parameters are gathered just for its forward/backward),
+        then the family; frozen parameters are ignored (replicated on every rank, never sharded, not trained).
+        The EMA is rebuilt afterwards so its shadows are sharded like the parameters.
+        """
+        mesh = self._device_mesh
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = (
+            mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        )
+        frozen = {p for module in self.model.frozen_modules().values() for p in module.parameters()}
+        for block in self.model.trained_blocks():
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh, ignored_params=frozen or None)
+        self._sharded = True
+        if self.ema is not None:
+            self.ema = EMA(self.model, self.ema.decay, self.ema.start_step)
+
     # ------------------------------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(list(self.model.trainable_parameters()))
@@ -190,9 +229,14 @@ class T2ITask(L.LightningModule):
         self.model.eval()
         if self.ema is not None:
             self.ema.swap(self.model)
+        sharded = hasattr(self.model, "unshard")  # FSDP2: generate() does not go through forward's hooks
+        if sharded:
+            self.model.unshard()
         try:
             return self.model.generate(prompts, **sampling)
         finally:
+            if sharded:
+                self.model.reshard()
             if self.ema is not None:
                 self.ema.swap(self.model)
             self.model.train(was_training)

@@ -40,12 +40,61 @@ def build_task(cfg: DictConfig, model: Family | None = None) -> L.LightningModul
     )
     task.run_config = OmegaConf.to_container(cfg, resolve=True)
     task.step_seed = int(cfg.seed)
+    if cfg.get("compile"):
+        count = model.compile_blocks()
+        log.info("torch.compile: %d %s blocks compiled", count, model.family_name)
     return task
 
 
-def build_strategy(cfg: DictConfig) -> Any:
+GPU_ONLY_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
+FAMILY_POLICY = "family"
+
+
+def build_strategy(cfg: DictConfig, model: Family | None = None) -> Any:
+    """The Lightning strategy of ``cfg.strategy``, with the family's blocks as the FSDP wrap policy."""
     node = cfg.get("strategy") or {"name": "auto"}
-    return instantiate(node) if "_target_" in node else node.get("name", "auto")
+    if "_target_" not in node:
+        return node.get("name", "auto")
+    target = str(node["_target_"]).rsplit(".", 1)[-1]
+    check_strategy_fits(target, cfg)
+    extra: dict[str, Any] = {}
+    if target == "FSDPStrategy" and model is not None:
+        blocks = set(model.block_classes)
+        for key in ("auto_wrap_policy", "activation_checkpointing_policy"):
+            if node.get(key) == FAMILY_POLICY:
+                if not blocks:
+                    raise ConfigError(
+                        f"strategy.{key}=family: model={model.family_name} declares no block classes"
+                    )
+                extra[key] = blocks
+        frozen = list(model.frozen_modules().values())
+        if frozen:
+            extra["ignored_modules"] = frozen  # frozen encoders: neither sharded nor in the optimizer
+    if target == "ModelParallelStrategy" and node.get("data_parallel_size") == "auto":
+        # Lightning's "auto" is one data-parallel group per node; FSDP2 here shards over every process
+        devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+        tensor_parallel = node.get("tensor_parallel_size", 1)
+        if isinstance(devices, int) and isinstance(tensor_parallel, int):
+            extra["data_parallel_size"] = devices * int(nodes) // tensor_parallel
+    return instantiate(node, **extra, _convert_="all")
+
+
+def check_strategy_fits(target: str, cfg: DictConfig) -> None:
+    """One clear line instead of a deep Lightning error for strategies this machine cannot run."""
+    import torch
+
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if target in GPU_ONLY_STRATEGIES and on_cpu:
+        raise ConfigError(
+            f"strategy {target} needs GPUs (trainer.accelerator={accelerator}, CUDA available: "
+            f"{torch.cuda.is_available()}); on CPU use strategy=ddp or strategy=fsdp2"
+        )
+    if target == "XLAStrategy":
+        import importlib.util
+
+        if importlib.util.find_spec("torch_xla") is None:
+            raise ConfigError("strategy=xla needs torch_xla (a TPU VM: pip install torch_xla)")
 
 
 def build_callbacks(cfg: DictConfig, sample_prompts: list[str]) -> list[L.Callback]:
@@ -55,6 +104,10 @@ def build_callbacks(cfg: DictConfig, sample_prompts: list[str]) -> list[L.Callba
             continue
         if name == "progress" and not cfg.trainer.get("enable_progress_bar", True):
             continue
+        if name == "lr_monitor" and not any(
+            n and "_target_" in n for n in (cfg.get("logger") or {}).values()
+        ):
+            continue  # Lightning refuses a LearningRateMonitor without a logger (logger=none)
         extra = {"prompts": sample_prompts} if name == "samples" else {}
         callbacks.append(instantiate(node, **extra, _convert_="all"))
     return callbacks
@@ -81,7 +134,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
         return None
     if resume == "auto":
         candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
-        existing = [path for path in candidates if path.is_file()]
+        existing = [path for path in candidates if path.exists()]  # sharded checkpoints are folders
         if existing:
             newest = max(existing, key=lambda path: path.stat().st_mtime)
             log.info("resuming from %s", newest)
@@ -89,7 +142,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
         log.info("resume=auto: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
         return None
     path = Path(resume).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"resume={resume}: no such checkpoint file (use resume=auto or a .ckpt path)")
     return str(path)
 
@@ -97,7 +150,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
 def last_checkpoint_is_current(trainer: L.Trainer, last: Path) -> bool:
     """Whether ``last.ckpt`` already holds the final step (the periodic save may have landed earlier)."""
     saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
-    return last.is_file() and saved == trainer.global_step
+    return last.exists() and saved == trainer.global_step
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -116,7 +169,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         **trainer_overrides,
-        strategy=build_strategy(cfg),
+        strategy=build_strategy(cfg, task.model),
         callbacks=build_callbacks(cfg, sample_prompts_for(cfg, datamodule)),
         logger=build_loggers(cfg),
         _convert_="all",

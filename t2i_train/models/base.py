@@ -29,6 +29,9 @@ class Family(nn.Module):
     family_name: ClassVar[str] = "family"
     #: The LightningModule class that trains this family (a dotted path, resolved by the train CLI).
     task_class: ClassVar[str] = "t2i_train.task.T2ITask"
+    #: The repeated blocks of the trained network: the unit of FSDP wrapping / FSDP2 sharding, activation
+    #: checkpointing and per-block ``torch.compile`` (``strategy.auto_wrap_policy: family``, ``compile=true``).
+    block_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -52,6 +55,18 @@ class Family(nn.Module):
         for module in self.frozen_modules().values():
             module.eval()
         return self
+
+    def trained_blocks(self) -> list[nn.Module]:
+        """Instances of ``block_classes`` outside the frozen parts (a frozen tokenizer's blocks are not ours)."""
+        frozen = {id(m) for module in self.frozen_modules().values() for m in module.modules()}
+        return [m for m in self.modules() if isinstance(m, self.block_classes) and id(m) not in frozen]
+
+    def compile_blocks(self, **options: Any) -> int:
+        """``torch.compile`` each trained block in place (small graphs compile fast and reuse); returns how many."""
+        blocks = self.trained_blocks()
+        for block in blocks:
+            block.compile(**options)
+        return len(blocks)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)

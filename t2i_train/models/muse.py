@@ -28,7 +28,7 @@ from t2i_train.errors import ConfigError, DataError
 from t2i_train.losses.masked_ce import MaskedCrossEntropy
 from t2i_train.models.base import Family
 from t2i_train.nn.guidance import GUIDANCE_SCHEDULES, apply_cfg, guidance_scale_at
-from t2i_train.nn.transformer import Transformer
+from t2i_train.nn.transformer import Transformer, TransformerBlock
 from t2i_train.text.base import TextEncoder, pad_condition
 from t2i_train.weights import weight_loading_enabled
 
@@ -97,6 +97,7 @@ class Muse(Family):
 
     family_name: ClassVar[str] = "muse"
     accepted_losses: ClassVar[tuple[type[nn.Module], ...]] = (MaskedCrossEntropy,)
+    block_classes: ClassVar[tuple[type[nn.Module], ...]] = (TransformerBlock,)
 
     def __init__(
         self,

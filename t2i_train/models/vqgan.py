@@ -19,7 +19,7 @@ from torch import nn
 from t2i_train.errors import ConfigError
 from t2i_train.losses.vqgan import VQGANLoss
 from t2i_train.models.base import Family
-from t2i_train.nn.conv import Decoder, Encoder
+from t2i_train.nn.conv import Decoder, Encoder, ResBlock
 from t2i_train.nn.quantizer import VectorQuantizer
 
 
@@ -80,6 +80,7 @@ class VQGAN(Family):
 
     family_name = "vqgan"
     accepted_losses = (VQGANLoss,)
+    block_classes = (ResBlock,)
 
     def __init__(
         self,

@@ -104,3 +104,51 @@ def test_vqgan_with_discriminator_trains_through_the_cli_config(
         *_two_step_overrides(tmp_path, small_data_overrides),
     ]
     _train_two_steps(overrides, tmp_path)
+
+
+STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
+GPU_ONLY = {s for s in STRATEGIES if s.startswith(("fsdp", "deepspeed")) and s != "fsdp2"}
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_builds_or_refuses_cpu_with_one_line(name: str) -> None:
+    """GPU-only strategies stop with a clear ConfigError on a CPU trainer; the others build with the family's
+    blocks and frozen parts wired in."""
+    from t2i_train.cli.train import build_strategy
+    from t2i_train.errors import ConfigError
+
+    cfg = compose_train([f"strategy={name}", "model=muse", "trainer.accelerator=cpu", "trainer.devices=2"])
+    with no_weight_loading(), torch.device("meta"):
+        model = instantiate(cfg.model, _convert_="all")
+    if name in GPU_ONLY:
+        with pytest.raises(ConfigError, match="needs GPUs"):
+            build_strategy(cfg, model)
+    elif name == "xla":
+        import importlib.util
+
+        if importlib.util.find_spec("torch_xla") is None:
+            with pytest.raises(ConfigError, match="torch_xla"):
+                build_strategy(cfg, model)
+    else:
+        strategy = build_strategy(cfg, model)
+        if name == "fsdp2":
+            assert strategy._data_parallel_size == 2  # every process shards, not one group per node
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs CUDA")
+@pytest.mark.gpu
+def test_fsdp_wraps_the_family_blocks_and_ignores_frozen_parts() -> None:
+    from t2i_train.cli.train import build_strategy
+    from t2i_train.nn.transformer import TransformerBlock
+
+    cfg = compose_train(["strategy=fsdp", "model=muse", "trainer.accelerator=gpu"])
+    model = instantiate(cfg.model, _convert_="all")
+    strategy = build_strategy(cfg, model)
+    assert TransformerBlock in strategy._policy._module_classes  # type: ignore[attr-defined]
+    assert model.text_encoder in strategy.kwargs["ignored_modules"]
+
+
+def test_compile_blocks_compiles_only_trained_blocks() -> None:
+    cfg = compose_train(["model=muse"])
+    model = instantiate(cfg.model, _convert_="all")
+    assert model.compile_blocks() == len(model.transformer.blocks) == cfg.model.depth
