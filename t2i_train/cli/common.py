@@ -24,6 +24,7 @@ GROUPS = (
     "logger",
     "callbacks",
     "experiment",
+    "hparams_search",
 )
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("t2i_train")

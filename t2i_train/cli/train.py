@@ -180,17 +180,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not last_checkpoint_is_current(trainer, last):
         trainer.save_checkpoint(last)  # every rank calls it: a collective under sharded strategies
     result = {"run_dir": str(run_dir), "last_checkpoint": str(last), "global_step": trainer.global_step}
+    metric = cfg.get("optimized_metric")
+    if metric:
+        result["optimized_metric"] = read_metric(trainer, metric)
     if trainer.is_global_zero:
         log.info("finished at step %d; checkpoint: %s", trainer.global_step, last)
     return result
 
 
+def read_metric(trainer: L.Trainer, name: str) -> float:
+    """The last logged value of ``name`` (what a sweeper such as Optuna minimises)."""
+    metrics = trainer.callback_metrics
+    if name not in metrics:
+        raise ConfigError(
+            f"optimized_metric={name} was never logged; logged metrics: {', '.join(sorted(metrics)) or 'none'}"
+        )
+    return float(metrics[name])
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 @user_errors_exit
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     if cfg.model is None or "_target_" not in cfg.model:
         raise ConfigError("no model selected; pass model=<family> (see `python -m t2i_train --help`)")
-    train(cfg)
+    return train(cfg).get("optimized_metric")  # returned to Hydra's sweeper (e.g. hparams_search=...)
 
 
 def main() -> None:

@@ -298,3 +298,52 @@ def test_encode_bad_arguments_are_one_line(shards: Path, tmp_path: Path) -> None
         "t2i_train.encode", "checkpoint=x", f"input_urls={shards}", f"output_dir={tmp_path}/o", "colour=red"
     )
     assert_one_line_error(proc, "unknown argument 'colour'")
+
+
+def test_multirun_with_the_basic_launcher(shards: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "t2i_train",
+        "-m",
+        "model=vqgan",
+        "data=webdataset",
+        f"data.train_urls={shards}",
+        "data.image_size=32",
+        "trainer.max_steps=2",
+        "optimizer.lr=1e-4,2e-4",
+        f"hydra.sweep.dir={sweep}",
+        *TINY_TRAIN,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+    from omegaconf import OmegaConf
+
+    lrs = {float(OmegaConf.load(sweep / j / ".hydra" / "config.yaml").optimizer.lr) for j in ("0", "1")}
+    assert lrs == {1e-4, 2e-4}
+
+
+def test_optuna_sweep_minimises_a_logged_metric(tmp_path: Path, small_data_overrides: list[str]) -> None:
+    import math
+
+    import yaml
+
+    sweep = tmp_path / "optuna"
+    proc = run_cli(
+        "t2i_train",
+        "-m",
+        "hparams_search=muse_optuna",
+        "model=muse",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        *small_data_overrides,
+        *[o for o in TINY_TRAIN if not o.startswith("data.")],
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == {"optimizer.lr", "optimizer.weight_decay", "model.cond_drop_prob"}
+    assert math.isfinite(float(results["best_value"]))

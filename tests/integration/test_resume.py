@@ -74,17 +74,28 @@ def latest_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def test_kill_9_then_resume_auto_equals_an_uninterrupted_run(shards: Path, tmp_path: Path) -> None:
+# epoch mode (each epoch one pass over the shards; the run crosses epoch boundaries) and resampled mode (shards
+# drawn with replacement, an "epoch" of samples_per_epoch samples)
+MODES = {"epoch": [], "resampled": ["data.resampled=true", "data.samples_per_epoch=160"]}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_kill_9_then_resume_auto_equals_an_uninterrupted_run(mode: str, shards: Path, tmp_path: Path) -> None:
+    extra = MODES[mode]
     reference = tmp_path / "reference"
     done = subprocess.run(
-        command(shards, reference), capture_output=True, text=True, env=env(), timeout=600, cwd=ROOT
+        command(shards, reference, *extra), capture_output=True, text=True, env=env(), timeout=600, cwd=ROOT
     )
     assert done.returncode == 0, done.stderr[-3000:]
 
     run_dir = tmp_path / "interrupted"
     kill_after = random.Random().randint(7, MAX_STEPS - 10)
     proc = subprocess.Popen(
-        command(shards, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env()
+        command(shards, run_dir, *extra),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env(),
+        cwd=ROOT,
     )
     deadline = time.time() + 300
     while latest_step(run_dir) < kill_after and proc.poll() is None and time.time() < deadline:
@@ -94,7 +105,7 @@ def test_kill_9_then_resume_auto_equals_an_uninterrupted_run(shards: Path, tmp_p
     assert latest_step(run_dir) < MAX_STEPS, "the run finished before it could be killed"
 
     resumed = subprocess.run(
-        command(shards, run_dir, "resume=auto"),
+        command(shards, run_dir, *extra, "resume=auto"),
         capture_output=True,
         text=True,
         env=env(),
