@@ -81,7 +81,7 @@ def _train_two_steps(overrides: list[str], tmp_path: Path) -> None:
     assert result["global_step"] == 2
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and "t2i_config" in ckpt
-    assert (tmp_path / "checkpoints" / "step=0000002.ckpt").is_file()
+    assert (tmp_path / "checkpoints" / "step_0000002.ckpt").is_file()
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -152,3 +152,14 @@ def test_compile_blocks_compiles_only_trained_blocks() -> None:
     cfg = compose_train(["model=muse"])
     model = instantiate(cfg.model, _convert_="all")
     assert model.compile_blocks() == len(model.transformer.blocks) == cfg.model.depth
+
+
+def test_logger_none_drops_the_lr_monitor(tmp_path: Path) -> None:
+    from t2i_train.cli.train import build_callbacks
+
+    def names(*overrides: str) -> set[str]:
+        cfg = compose_train([f"run_dir={tmp_path}", *overrides])
+        return {type(c).__name__ for c in build_callbacks(cfg, [])}
+
+    assert "LearningRateMonitor" not in names("logger=none") and "SaveOnSignal" in names("logger=none")
+    assert "LearningRateMonitor" in names()

@@ -32,7 +32,7 @@ def global_step(path: Path) -> int:
 
 
 def newest_step_checkpoint(run_dir: Path) -> int:
-    """The highest N among <run dir>/checkpoints/step=N.ckpt (-1 when there is none yet)."""
+    """The highest N among <run dir>/checkpoints/step_N.ckpt (-1 when there is none yet)."""
     steps = [
         int(m.group(1))
         for p in (run_dir / "checkpoints").glob("step_*.ckpt")
