@@ -537,8 +537,9 @@ class ShardLoader(DataLoader):
         kwargs.setdefault("collate_fn", _identity)  # batches are built in the stream; skip default_convert
         super().__init__(dataset, batch_size=None, **kwargs)
         self._skip_next = 0
-        #: returns the batches of the current epoch the training loop has completed (set by the data module)
-        self.batches_done: Callable[[], int] | None = None
+        #: (batches of the current epoch the training loop has run, whether that epoch ended) as restored from
+        #: a checkpoint; set by the data module
+        self.resume_position: Callable[[], tuple[int, bool]] | None = None
         if follow_epoch:
             self.sampler.set_epoch = dataset.set_epoch  # type: ignore[attr-defined]
 
@@ -555,9 +556,15 @@ class ShardLoader(DataLoader):
         model). The count comes from the restored training loop (``batches_done``), not from this loader,
         which has always read ahead of the loop.
         """
-        if state.get("epoch", -1) >= 0:
-            self.dataset.set_epoch(int(state["epoch"]))  # type: ignore[attr-defined]
-        self._skip_next = self.batches_done() if self.batches_done is not None else 0
+        done, epoch_finished = self.resume_position() if self.resume_position is not None else (0, False)
+        epoch = int(state.get("epoch", -1))
+        if epoch_finished:
+            # saved on the last batch of an epoch: Lightning closes that epoch without fetching, and the stream
+            # made now must be the next epoch's, from its start
+            epoch, done = epoch + 1, 0
+        if epoch >= 0:
+            self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+        self._skip_next = done
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         iterator = super().__iter__()
@@ -731,11 +738,12 @@ class ShardDataModule(L.LightningDataModule):
             epoch=self._epoch,
         )
         loader = self._loader(stream, workers)
-        loader.batches_done = self._batches_done_in_epoch
+        loader.resume_position = self._resume_position
         return loader
 
-    def _batches_done_in_epoch(self) -> int:
-        """Batches of the current epoch whose training step ran, as restored from a checkpoint.
+    def _resume_position(self) -> tuple[int, bool]:
+        """Batches of the current epoch whose training step ran, and whether the epoch had ended, as restored
+        from a checkpoint.
 
         ``processed`` rather than ``completed``: a checkpoint written in ``on_train_batch_end`` (the usual
         case) is taken before Lightning marks that batch completed, and Lightning corrects its own counter
@@ -743,8 +751,9 @@ class ShardDataModule(L.LightningDataModule):
         """
         trainer = getattr(self, "trainer", None)
         if trainer is None:
-            return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+            return 0, False
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        return int(progress.current.processed), bool(progress.is_last_batch)
 
     def val_dataloader(self) -> ShardLoader | list[Any]:
         if not self.train_shards:

@@ -155,3 +155,28 @@ def test_sigusr1_saves_last_checkpoint_and_stops(shards: Path, tmp_path: Path) -
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
+
+
+def test_resume_from_the_last_batch_of_an_epoch(shards: Path, tmp_path: Path) -> None:
+    """An epoch is 24 batches here; the checkpoint of step 24 closes epoch 0 and the resumed run must start
+    epoch 1 from its first batch (Lightning ends the restored epoch without fetching)."""
+    reference = tmp_path / "reference"
+    keep = "checkpoint.keep_last=-1"
+    done = subprocess.run(
+        command(shards, reference, keep), capture_output=True, text=True, env=env(), timeout=600, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    boundary = reference / "checkpoints" / "step_0000024.ckpt"
+    resumed_dir = tmp_path / "resumed"
+    done = subprocess.run(
+        command(shards, resumed_dir, keep, f"resume={boundary}"),
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected, got = final_weights(reference), final_weights(resumed_dir)
+    worst = max((expected[k].float() - got[k].float()).abs().max().item() for k in expected)
+    assert worst <= 1e-6, f"max weight difference {worst}"
