@@ -11,6 +11,7 @@ checkpoint accepts either form.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from hydra.utils import instantiate
 
 from t2i_train.errors import CheckpointError
 from t2i_train.models.base import Family
+from t2i_train.weights import no_weight_loading
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
@@ -50,19 +52,38 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def _without_stage1_paths(node: Any) -> Any:
+def without_stage1_paths(node: Any) -> Any:
     """Copy of a model config with every ``*_checkpoint`` path set to None.
 
-    The weights of stage-1 parts are inside the checkpoint's state dict, so rebuilding the architecture
-    must not require the stage-1 files to still exist.
+    Used when the stage-1 weights are inside the checkpoint's state dict: rebuilding the architecture must
+    not require the stage-1 files to still exist.
     """
     if isinstance(node, dict):
         return {
-            k: (None if k.endswith("_checkpoint") and isinstance(v, str) else _without_stage1_paths(v))
+            k: (None if k.endswith("_checkpoint") and isinstance(v, str) else without_stage1_paths(v))
             for k, v in node.items()
         }
     if isinstance(node, list):
-        return [_without_stage1_paths(v) for v in node]
+        return [without_stage1_paths(v) for v in node]
+    return node
+
+
+def absolute_stage1_paths(node: Any) -> Any:
+    """Copy of a config with every existing relative ``*_checkpoint`` path made absolute.
+
+    Training checkpoints name their stage-1 sources (their weights are left out, see ``load_family``), so the
+    saved config must still find them when sampling runs from another working directory.
+    """
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if k.endswith("_checkpoint") and isinstance(v, str) and v and Path(v).expanduser().exists():
+                out[k] = str(Path(v).expanduser().resolve())
+            else:
+                out[k] = absolute_stage1_paths(v)
+        return out
+    if isinstance(node, list):
+        return [absolute_stage1_paths(v) for v in node]
     return node
 
 
@@ -77,16 +98,63 @@ def load_family(path: str | Path, use_ema: bool = True, ckpt: dict[str, Any] | N
     """Rebuild the family stored in a training checkpoint, with its (EMA) weights, in eval mode.
 
     ``ckpt``: the already-read checkpoint at ``path`` (saves reading a big file twice).
+
+    A checkpoint that holds every weight is rebuilt with weight loading off (nothing downloaded, no stage-1
+    file read). One that left its frozen pretrained / stage-1 parts out (``t2i_external``, written by the task)
+    rebuilds them from their sources named in the config, which must still be there; an export folder
+    (``python -m t2i_train.export``) holds everything and stands alone.
     """
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
-    model_cfg = _without_stage1_paths(ckpt["t2i_config"]["model"])
-    model = instantiate(model_cfg, _convert_="all")
+    external = list(ckpt.get("t2i_external") or [])
+    if external:
+        model = _build_with_external_weights(path, ckpt["t2i_config"]["model"], external)
+        check_external_fingerprints(model, ckpt.get("t2i_external_fingerprint", {}), path)
+    else:
+        with no_weight_loading():
+            model = instantiate(without_stage1_paths(ckpt["t2i_config"]["model"]), _convert_="all")
     missing, unexpected = model.load_state_dict(model_state_dict(ckpt, use_ema), strict=False)
+    prefixes = tuple(f"{name}." for name in external)
+    missing = [key for key in missing if not key.startswith(prefixes)]
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not match its model config: missing={list(missing)[:5]} unexpected={list(unexpected)[:5]}"
         )
     return model.eval()
+
+
+def weights_fingerprint(module: torch.nn.Module) -> float:
+    """A cheap number that changes when any floating-point weight of ``module`` does (sum + sum of squares)."""
+    total = 0.0
+    for tensor in module.state_dict().values():
+        if tensor.is_floating_point() and tensor.device.type != "meta":
+            t = tensor.detach().double()
+            total += float(t.sum()) + float(t.square().sum())
+    return total
+
+
+def check_external_fingerprints(model: Family, saved: dict[str, float], source: str | Path) -> None:
+    """Raise when a frozen part rebuilt from its source is not the one the run trained with."""
+    for name, expected in (saved or {}).items():
+        module = getattr(model, name, None)
+        if module is None:
+            continue
+        if not math.isclose(weights_fingerprint(module), expected, rel_tol=1e-6, abs_tol=1e-6):
+            raise CheckpointError(
+                f"{source}: the frozen {name} loaded from its source differs from the one this run was trained "
+                "with (was the stage-1 checkpoint retrained or overwritten?); point the config at the original"
+            )
+
+
+def _build_with_external_weights(path: str | Path, model_cfg: dict[str, Any], external: list[str]) -> Family:
+    try:
+        return instantiate(model_cfg, _convert_="all")
+    except Exception as exc:
+        cause = exc.__cause__ if type(exc).__name__ == "InstantiationException" and exc.__cause__ else exc
+        raise CheckpointError(
+            f"{path} leaves out its frozen {', '.join(external)} weights, which come from the sources in its "
+            f"config, and they could not be loaded ({str(cause).splitlines()[0]}); restore them or use an "
+            "export folder (python -m t2i_train.export), which holds every weight"
+        ) from exc
 
 
 def read_export(folder: Path) -> dict[str, Any]:

@@ -215,11 +215,56 @@ class T2ITask(L.LightningModule):
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state()
         checkpoint["t2i_skipped_samples"] = self.skipped_samples
+        self._leave_out_external_weights(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load(checkpoint["ema"])
         self.skipped_samples = int(checkpoint.get("t2i_skipped_samples", 0))
+        self._restore_external_weights(checkpoint)
+
+    def _external_prefixes(self, names: Iterable[str]) -> tuple[str, ...]:
+        return tuple(f"model.{name}." for name in names)
+
+    def _leave_out_external_weights(self, checkpoint: dict[str, Any]) -> None:
+        """Drop frozen parts loaded from a pretrained name or stage-1 checkpoint from the saved state dict.
+
+        They never change, their source is in the saved config, and they can dwarf what is trained (T5-XXL's
+        4.8B against Muse's 3B), so every checkpoint would otherwise store them again. Readers
+        (``t2i_train.checkpoint.load_family``, resume) rebuild them from the config. Sharded (FSDP2) folders
+        keep them: the distributed loader insists on every key.
+        """
+        external = list(self.model.external_modules())
+        if not external or getattr(self.trainer.strategy, "_save_distributed_checkpoint", False):
+            return
+        prefixes = self._external_prefixes(external)
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+        checkpoint["t2i_external"] = external
+        checkpoint["t2i_external_fingerprint"] = self._external_fingerprints()
+
+    def _external_fingerprints(self) -> dict[str, float]:
+        """Fingerprints of the frozen external parts, computed once (they never change during a run)."""
+        if getattr(self, "_fingerprints", None) is None:
+            from t2i_train.checkpoint import weights_fingerprint
+
+            modules = self.model.external_modules()
+            self._fingerprints = {name: weights_fingerprint(m) for name, m in modules.items()}
+        return self._fingerprints
+
+    def _restore_external_weights(self, checkpoint: dict[str, Any]) -> None:
+        """On resume, take the left-out frozen weights from the freshly built model (loaded from their source)."""
+        external = checkpoint.get("t2i_external") or []
+        if not external or "state_dict" not in checkpoint:
+            return
+        from t2i_train.checkpoint import check_external_fingerprints
+
+        check_external_fingerprints(self.model, checkpoint.get("t2i_external_fingerprint", {}), "resume")
+        prefixes = self._external_prefixes(external)
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith(prefixes) and key not in state:
+                state[key] = value
 
     # ------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()

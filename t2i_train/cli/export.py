@@ -1,7 +1,7 @@
 """`python -m t2i_train.export checkpoint=CKPT [output_dir=DIR] [use_ema=true]`
 
 Writes consolidated weights for inference and sharing: `DIR/model.safetensors` (the family's state dict, EMA
-weights when the run kept an EMA and use_ema=true), `DIR/config.yaml` (the resolved training config) and
+weights when the run kept an EMA and use_ema=true), `DIR/config.yaml` (the resolved training config; every weight is in the folder, so stage-1 paths are nulled) and
 `DIR/export.json` (source, step, whether EMA was used). DIR defaults to `<run dir>/export`. Sample from it as
 from a checkpoint: `python -m t2i_train.sample checkpoint=DIR ...`. The folder is written under a temporary
 name and renamed when complete.
@@ -44,14 +44,28 @@ def export(checkpoint: str, output_dir: str | None = None, use_ema: bool = True)
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from t2i_train.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, model_state_dict, read_checkpoint
+    from t2i_train.checkpoint import (
+        EXPORT_CONFIG,
+        EXPORT_WEIGHTS,
+        load_family,
+        model_state_dict,
+        read_checkpoint,
+        without_stage1_paths,
+    )
 
     source = Path(checkpoint).expanduser()
     ckpt = read_checkpoint(source)
     out = Path(output_dir) if output_dir else source.resolve().parent.parent / "export"
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty; choose another output_dir or remove it")
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model_state_dict(ckpt, use_ema).items()}
+    if ckpt.get(
+        "t2i_external"
+    ):  # frozen pretrained / stage-1 parts left out of the checkpoint: read them back
+        weights = load_family(source, use_ema=use_ema, ckpt=ckpt).state_dict()
+    else:
+        weights = model_state_dict(ckpt, use_ema)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
+    config = {**ckpt["t2i_config"], "model": without_stage1_paths(ckpt["t2i_config"]["model"])}
     info = {
         "source": str(source),
         "global_step": ckpt.get("global_step"),
@@ -63,7 +77,7 @@ def export(checkpoint: str, output_dir: str | None = None, use_ema: bool = True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
-    (tmp / EXPORT_CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(ckpt["t2i_config"])))
+    (tmp / EXPORT_CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     (tmp / "export.json").write_text(json.dumps(info, indent=2))
     if out.exists():
         out.rmdir()

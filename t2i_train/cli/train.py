@@ -12,6 +12,7 @@ import lightning as L
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from t2i_train.checkpoint import absolute_stage1_paths
 from t2i_train.cli.common import (
     CONF_DIR,
     allow_new_keys,
@@ -38,7 +39,8 @@ def build_task(cfg: DictConfig, model: Family | None = None) -> L.LightningModul
         ema_decay=cfg.get("ema_decay"),
         **instantiate(cfg.get("task") or {}, _convert_="all"),
     )
-    task.run_config = OmegaConf.to_container(cfg, resolve=True)
+    # stage-1 paths made absolute: checkpoints leave those weights out and name where to read them again
+    task.run_config = absolute_stage1_paths(OmegaConf.to_container(cfg, resolve=True))
     task.step_seed = int(cfg.seed)
     if cfg.get("compile"):
         count = model.compile_blocks()

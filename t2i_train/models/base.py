@@ -36,19 +36,33 @@ class Family(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._frozen_names: list[str] = []
+        self._external_names: list[str] = []
 
     # ----------------------------------------------------------------------------------------- frozen parts
-    def freeze(self, name: str) -> None:
-        """Mark sub-module ``name`` as frozen: eval mode, no gradient, not in the optimizer."""
+    def freeze(self, name: str, external: bool = False) -> None:
+        """Mark sub-module ``name`` as frozen: eval mode, no gradient, not in the optimizer.
+
+        ``external=True``: its weights come from outside the run (a pretrained name, a stage-1 checkpoint), so
+        training checkpoints leave them out and readers rebuild them from the config (see
+        ``t2i_train.checkpoint``); exports still hold them, so an export folder stands alone.
+        """
         module = getattr(self, name)
         module.eval()
         for p in module.parameters():
             p.requires_grad_(False)
         if name not in self._frozen_names:
             self._frozen_names.append(name)
+        if external and name not in self._external_names:
+            self._external_names.append(name)
+        if not external and name in self._external_names:
+            self._external_names.remove(name)
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in self._frozen_names if getattr(self, name) is not None}
+
+    def external_modules(self) -> dict[str, nn.Module]:
+        """Frozen parts whose weights come from outside the run (``freeze(name, external=True)``)."""
+        return {name: getattr(self, name) for name in self._external_names if getattr(self, name) is not None}
 
     def train(self, mode: bool = True) -> Family:
         super().train(mode)

@@ -127,10 +127,12 @@ class Muse(Family):
         self.tokenizer_checkpoint = tokenizer_checkpoint
         # persistent flag: True once the tokenizer holds trained weights (saved with the model's checkpoint)
         self.register_buffer("tokenizer_trained", torch.tensor(False))
-        if tokenizer_checkpoint and weight_loading_enabled():
+        loaded = bool(tokenizer_checkpoint and weight_loading_enabled())
+        if loaded:
             self._load_tokenizer(tokenizer_checkpoint)
-        self.freeze("text_encoder")
-        self.freeze("tokenizer")
+        # weights from a pretrained name / stage-1 checkpoint stay out of training checkpoints (see checkpoint.py)
+        self.freeze("text_encoder", external=bool(getattr(text_encoder, "loaded_pretrained", False)))
+        self.freeze("tokenizer", external=loaded)
 
         self.codebook_size = int(_required_attr(self.tokenizer, "codebook_size"))
         factor = int(_required_attr(self.tokenizer, "downsample_factor"))

@@ -80,7 +80,9 @@ class T5TextEncoder(TextEncoder):
         self.tokenizer_name = tokenizer or pretrained or BYTE_TOKENIZER
         self._tokenizer: Any = None
         torch_dtype = _torch_dtype(dtype)
-        if pretrained and weight_loading_enabled():
+        #: True when the weights came from ``from_pretrained`` (they are then left out of training checkpoints)
+        self.loaded_pretrained = bool(pretrained and weight_loading_enabled())
+        if self.loaded_pretrained:
             # dropout off: the encoder is a frozen feature extractor, its output must be deterministic
             self.model = T5EncoderModel.from_pretrained(pretrained, dropout_rate=0.0, dtype=torch_dtype)
             _check_dims(pretrained, self.model.config, dims)

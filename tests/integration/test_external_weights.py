@@ -1,0 +1,127 @@
+"""Frozen parts loaded from a stage-1 checkpoint or a pretrained name stay out of training checkpoints.
+
+They are rebuilt from the sources named in the saved config when sampling, exporting or resuming; an export
+folder holds every weight and stands alone; a source that changed since training is refused.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from t2i_train.checkpoint import absolute_stage1_paths, load_family
+from t2i_train.cli.common import CONF_DIR
+from t2i_train.cli.export import export
+from t2i_train.cli.train import train
+from t2i_train.errors import CheckpointError
+from t2i_train.text.t5 import T5TextEncoder
+
+
+def _overrides(run_dir: Path, small_data_overrides: list[str], steps: int) -> list[str]:
+    return [
+        *small_data_overrides,
+        f"run_dir={run_dir}",
+        f"trainer.max_steps={steps}",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.limit_val_batches=0",
+        "sampling.every_n_steps=0",
+        "checkpoint.every_n_steps=100",
+        "logger=none",
+    ]
+
+
+def _train(overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return train(compose(config_name="train", overrides=overrides))
+
+
+def _keys(path: Path) -> tuple[set[str], dict]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return set(ckpt["state_dict"]), ckpt
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory: pytest.TempPathFactory, small_data_overrides: list[str]) -> dict[str, Path]:
+    """A 2-step VQGAN checkpoint and a tiny T5 written with save_pretrained (what a real user downloads)."""
+    root = tmp_path_factory.mktemp("stage1")
+    _train(["model=vqgan", *_overrides(root / "vq", small_data_overrides, 2)])
+    t5_dir = root / "t5"
+    T5TextEncoder(init_seed=123).model.save_pretrained(t5_dir)
+    return {"vq": root / "vq" / "checkpoints" / "last.ckpt", "t5": t5_dir}
+
+
+def test_stage1_and_pretrained_weights_are_left_out_and_read_back(
+    tmp_path: Path, stage1: dict[str, Path], small_data_overrides: list[str]
+) -> None:
+    vq = tmp_path / "vq.ckpt"
+    shutil.copy(stage1["vq"], vq)
+    muse = [
+        "model=muse",
+        f"model.tokenizer_checkpoint={vq}",
+        f"model.text_encoder.pretrained={stage1['t5']}",
+        "model.text_encoder.tokenizer=byt5",
+    ]
+    run = tmp_path / "muse"
+    _train([*muse, *_overrides(run, small_data_overrides, 2)])
+    last = run / "checkpoints" / "last.ckpt"
+    keys, ckpt = _keys(last)
+    assert sorted(ckpt["t2i_external"]) == ["text_encoder", "tokenizer"]
+    assert not any(k.startswith(("model.tokenizer.", "model.text_encoder.")) for k in keys)
+    assert any(k.startswith("model.transformer.") for k in keys)
+
+    # sample/export path: the frozen parts come back from their sources, identical to them
+    model = load_family(last)
+    vq_model = load_family(stage1["vq"])
+    for name, tensor in vq_model.state_dict().items():
+        assert torch.equal(model.tokenizer.state_dict()[name], tensor), name
+    t5 = T5TextEncoder(init_seed=123).model.state_dict()
+    for name, tensor in model.text_encoder.model.state_dict().items():
+        assert torch.equal(tensor, t5[name]), name
+
+    # resume: strict loading still works with the left-out keys
+    result = _train([*muse, *_overrides(run, small_data_overrides, 3), "resume=auto"])
+    assert result["global_step"] == 3
+
+    # an export holds everything and survives the stage-1 file going away
+    out = tmp_path / "export"
+    export(str(last), output_dir=str(out))
+    vq.unlink()
+    with pytest.raises(CheckpointError, match="leaves out its frozen"):
+        load_family(last)
+    exported = load_family(out)
+    for name, tensor in vq_model.state_dict().items():
+        assert torch.equal(exported.tokenizer.state_dict()[name], tensor), name
+
+    # a stage-1 checkpoint overwritten by another training is refused, not silently swapped in
+    other = torch.load(stage1["vq"], map_location="cpu", weights_only=False)
+    other["state_dict"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in other["state_dict"].items()}
+    torch.save(other, vq)
+    with pytest.raises(CheckpointError, match="differs from the one this run was trained with"):
+        load_family(last)
+
+
+def test_checkpoints_without_external_parts_keep_every_weight(
+    tmp_path: Path, small_data_overrides: list[str]
+) -> None:
+    """The tiny default (random frozen T5 and tokenizer, built from the config) saves them: no source exists."""
+    run = tmp_path / "muse"
+    _train(["model=muse", *_overrides(run, small_data_overrides, 1)])
+    keys, ckpt = _keys(run / "checkpoints" / "last.ckpt")
+    assert not ckpt.get("t2i_external")
+    assert any(k.startswith("model.tokenizer.") for k in keys)
+    assert any(k.startswith("model.text_encoder.") for k in keys)
+
+
+def test_relative_stage1_paths_are_saved_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "vq.ckpt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    config = {"model": {"tokenizer_checkpoint": "vq.ckpt", "other_checkpoint": "missing.ckpt", "x": [1]}}
+    fixed = absolute_stage1_paths(config)
+    assert fixed["model"]["tokenizer_checkpoint"] == str((tmp_path / "vq.ckpt").resolve())
+    assert fixed["model"]["other_checkpoint"] == "missing.ckpt" and fixed["model"]["x"] == [1]
