@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install train test test-slow test-all lint format bench clean slurm-up slurm-down
+.PHONY: help install train train-galip test test-slow test-all lint format bench clean slurm-up slurm-down
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,27 +29,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the package with its dev tools
 
-train: $(STAMP)  ## shapes data -> VQGAN -> tokens -> Muse -> samples -> prompt-following score (CPU, ~15 min)
-	@start=$$(date +%s); \
-	test -f $(DATA)/dataset.json || $(BIN)/python -m t2i_train.shards synthetic --out $(DATA) \
-		--count 20000 --val-count 512 --holdout-fraction 0.1 --seed 0 || exit 1; \
-	$(BIN)/python -m t2i_train experiment=shapes_vqgan data.train_urls=$(DATA) hydra.run.dir=$(OUT)/vqgan || exit 1; \
-	$(BIN)/python -m t2i_train.evaluate reconstruction checkpoint=$(OUT)/vqgan/checkpoints/last.ckpt \
-		urls=$(DATA)/val output=$(OUT)/vqgan/psnr.json || exit 1; \
-	for split in . val; do \
-		$(BIN)/python -m t2i_train.encode checkpoint=$(OUT)/vqgan/checkpoints/last.ckpt \
-			input_urls=$(DATA)/$$split output_dir=$(OUT)/tokens/$$split > /dev/null || exit 1; \
-	done; \
-	$(BIN)/python -m t2i_train experiment=shapes_muse data.train_urls=$(OUT)/tokens data.val_urls=$(OUT)/tokens/val \
-		data.fields=[image_tokens] data.load_images=false \
-		model.tokenizer_checkpoint=$(OUT)/vqgan/checkpoints/last.ckpt hydra.run.dir=$(OUT)/muse || exit 1; \
-	for split in seen heldout; do \
-		$(BIN)/python -m t2i_train.sample checkpoint=$(OUT)/muse/checkpoints/last.ckpt \
-			prompts_file=$(DATA)/prompts_$$split.txt images_per_prompt=4 output_dir=$(OUT)/samples_$$split \
-			> /dev/null || exit 1; \
-		$(BIN)/python -m t2i_train.evaluate prompt_following samples_dir=$(OUT)/samples_$$split > /dev/null || exit 1; \
-	done; \
-	$(BIN)/python -m t2i_train.cli.report $(OUT) --seconds $$(( $$(date +%s) - start ))
+train: $(STAMP)  ## shapes data -> VQGAN -> tokens -> Muse -> samples -> prompt-following score (CPU, ~11 min)
+	$(BIN)/python -m t2i_train.pipeline --data $(DATA) --out $(OUT)
+
+train-galip: $(STAMP)  ## shapes data -> CLIP -> GALIP through it -> samples -> prompt-following score (CPU, ~12 min)
+	$(BIN)/python -m t2i_train.pipeline --recipe galip --data $(DATA) --out outputs/make_train_galip
 
 test: $(STAMP)  ## the test suite CI runs (excludes slow/gpu tests; tests marked slurm use a local cluster)
 	@bash slurm/local_cluster.sh install && bash slurm/local_cluster.sh start \

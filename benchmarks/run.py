@@ -1,9 +1,11 @@
 """`make bench`: speed of the tiny families on this machine, measured side by side in one run.
 
 Prints, for the tiny Muse config: training steps/s at two batch sizes, and parallel-decoding images/s for
-several step counts with the ratio to the 12-step default; for the tiny VQGAN: encode+decode images/s; and
-per-rank bytes of trainable parameters + optimizer state of a ~50M-parameter Muse trained by 2 CPU processes
-under DDP and under FSDP2, with their ratio (`python benchmarks/run.py memory` runs only that part).
+several step counts with the ratio to the 12-step default; for the tiny VQGAN: encode+decode images/s; tiny
+GALIP's single-pass generation vs tiny Muse's 12-step parallel decoding at 32², images/s and their ratio
+(`python benchmarks/run.py galip_vs_muse` runs only that part); and per-rank bytes of trainable parameters +
+optimizer state of a ~50M-parameter Muse trained by 2 CPU processes under DDP and under FSDP2, with their ratio
+(`python benchmarks/run.py memory` runs only that part).
 Numbers are wall-clock on whatever this machine is; only the ratios within one run are comparable.
 """
 
@@ -74,6 +76,23 @@ def vqgan_bench() -> dict[str, float]:
     return {"vqgan_reconstruct_images_per_s_b64": 64 / timed(lambda: model.reconstruct(images))}
 
 
+@torch.no_grad()
+def galip_vs_muse_bench(batch_size: int = 16) -> dict[str, float]:
+    """Images/s of tiny GALIP's single-pass ``generate`` vs tiny Muse's parallel decoding (its default steps and
+    guidance), both 32² and on the same prompts, measured in one run; and their ratio."""
+    prompts = ["a red circle in the top left", "a blue square in the center"] * (batch_size // 2)
+    out: dict[str, float] = {}
+    for name in ("galip", "muse"):
+        model, _ = build(name)
+        model.eval()
+        seconds = timed(lambda model=model: model.generate(prompts, seed=0), repeats=3)
+        out[f"{name}_generate_images_per_s_b{batch_size}"] = len(prompts) / seconds
+    out["ratio_galip_vs_muse_images_per_s"] = (
+        out[f"galip_generate_images_per_s_b{batch_size}"] / out[f"muse_generate_images_per_s_b{batch_size}"]
+    )
+    return out
+
+
 # ~50M trainable parameters (12 blocks of width 512), frozen tiny T5 and tokenizer
 MUSE_50M = ["model.dim=512", "model.depth=12", "model.heads=8", "model.mlp_dim=2048"]
 
@@ -110,11 +129,14 @@ def main() -> None:
     torch.manual_seed(0)
     if sys.argv[1:] == ["memory"]:
         results = sharding_memory_bench()
+    elif sys.argv[1:] == ["galip_vs_muse"]:
+        results = galip_vs_muse_bench()
     else:
         results = {
             "torch_threads": torch.get_num_threads(),
             **muse_bench(),
             **vqgan_bench(),
+            **galip_vs_muse_bench(),
             **sharding_memory_bench(),
         }
     width = max(len(k) for k in results)

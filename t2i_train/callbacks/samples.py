@@ -82,9 +82,7 @@ class SampleGrid(L.Callback):
 
 
 def _can_generate(model: Any) -> bool:
-    from t2i_train.models.base import Family
-
-    return type(model).generate is not Family.generate
+    return bool(getattr(model, "generates_images", lambda: False)())
 
 
 def _log_image(logger: Any, grid: torch.Tensor, step: int) -> None:

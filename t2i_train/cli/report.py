@@ -1,7 +1,7 @@
-"""`python -m t2i_train.cli.report OUT [--seconds N]`: the closing summary of `make train`.
+"""`python -m t2i_train.cli.report OUT [--seconds N] [--recipe muse|galip]`: the closing summary of a shapes recipe.
 
-Reads what the pipeline wrote under OUT (`vqgan/psnr.json`, `samples_{seen,heldout}/eval.json`), prints where
-everything went and the numbers the foundation issue asks for, and writes them to `OUT/report.json`.
+Reads what `python -m t2i_train.pipeline` wrote under OUT (`vqgan/psnr.json` for muse, `samples_{seen,heldout}/eval.json`),
+prints where everything went and the numbers the issues ask for, and writes them to `OUT/report.json`.
 """
 
 from __future__ import annotations
@@ -11,17 +11,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-TARGETS = {"psnr_db": 25.0, "seen": 0.90, "heldout": 0.60}
+# the issues' targets: Muse >= 90% seen (foundation), GALIP >= 85% seen (GALIP issue); held-out >= 60%
+TARGETS: dict[str, Any] = {"psnr_db": 25.0, "seen": {"muse": 0.90, "galip": 0.85}, "heldout": 0.60}
 
 
 def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def collect(out: Path, seconds: int | None = None) -> dict[str, Any]:
-    psnr = _read(out / "vqgan" / "psnr.json")
-    report: dict[str, Any] = {"seconds": seconds, "vqgan_psnr_db": psnr.get("psnr_db")}
-    report["vqgan_codebook_used"] = f"{psnr.get('codebook_used')}/{psnr.get('codebook_size')}"
+def collect(out: Path, seconds: int | None = None, recipe: str = "muse") -> dict[str, Any]:
+    report: dict[str, Any] = {"recipe": recipe, "seconds": seconds}
+    if recipe == "muse":
+        psnr = _read(out / "vqgan" / "psnr.json")
+        report["vqgan_psnr_db"] = psnr.get("psnr_db")
+        report["vqgan_codebook_used"] = f"{psnr.get('codebook_used')}/{psnr.get('codebook_size')}"
     for split in ("seen", "heldout"):
         scores = _read(out / f"samples_{split}" / "eval.json")
         report[split] = {k: scores.get(k) for k in ("all", "colour", "shape", "position", "n")}
@@ -39,22 +42,29 @@ def render(out: Path, report: dict[str, Any]) -> str:
             else ("  (target met)" if value >= target else f"  (target {target:g} not met)")
         )
 
-    lines = ["", "make train: done" + (f" in {report['seconds'] / 60:.1f} min" if report["seconds"] else "")]
-    psnr = report["vqgan_psnr_db"]
-    lines.append(
-        f"  VQGAN held-out PSNR: {psnr} dB, codebook {report['vqgan_codebook_used']}"
-        + check(psnr, TARGETS["psnr_db"])
-    )
+    recipe = report.get("recipe", "muse")
+    done = f"{recipe} recipe: done" + (f" in {report['seconds'] / 60:.1f} min" if report["seconds"] else "")
+    lines = ["", done]
+    stages = ("vqgan", "muse") if recipe == "muse" else ("clip", "galip")
+    if recipe == "muse":
+        psnr = report["vqgan_psnr_db"]
+        lines.append(
+            f"  VQGAN held-out PSNR: {psnr} dB, codebook {report['vqgan_codebook_used']}"
+            + check(psnr, TARGETS["psnr_db"])
+        )
+    target = {"seen": TARGETS["seen"][recipe], "heldout": TARGETS["heldout"]}
     for split in ("seen", "heldout"):
         s = report[split]
         lines.append(
-            f"  Muse prompt following, {split} prompts ({s['n']} images): {pct(s['all'])} all three "
+            f"  {stages[1]} prompt following, {split} prompts ({s['n']} images): {pct(s['all'])} all three "
             f"(colour {pct(s['colour'])}, shape {pct(s['shape'])}, position {pct(s['position'])})"
-            + check(s["all"], TARGETS[split])
+            + check(s["all"], target[split])
         )
+    lines.append("  checkpoints: " + ", ".join(f"{out}/{stage}/checkpoints/last.ckpt" for stage in stages))
+    if recipe == "muse":
+        lines.append(f"  pre-encoded tokens: {out}/tokens")
     lines += [
-        f"  checkpoints: {out}/vqgan/checkpoints/last.ckpt, {out}/muse/checkpoints/last.ckpt",
-        f"  pre-encoded tokens: {out}/tokens; sample grids: {out}/samples_seen/grid.png, {out}/samples_heldout/grid.png",
+        f"  sample grids: {out}/samples_seen/grid.png, {out}/samples_heldout/grid.png",
         f"  numbers: {out}/report.json",
     ]
     return "\n".join(lines)
@@ -64,8 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--seconds", type=int, default=None)
+    parser.add_argument("--recipe", choices=("muse", "galip"), default="muse")
     args = parser.parse_args(argv)
-    report = collect(args.out, args.seconds)
+    report = collect(args.out, args.seconds, args.recipe)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     print(render(args.out, report))
 

@@ -9,6 +9,7 @@ same command reproduces the same files. Sampling options default to those the ru
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -77,9 +78,97 @@ def sample_to_dir(
             images.append(image)
     columns = grid_columns or (images_per_prompt if images_per_prompt > 1 else min(8, len(images)))
     save_image(make_grid(torch.stack(images), nrow=columns, padding=1), output_dir / "grid.png")
+    write_manifest(manifest, output_dir)
+    return manifest
+
+
+def interpolate_to_dir(
+    model: Any,
+    prompts: list[str],
+    output_dir: Path,
+    mode: str,
+    steps: int,
+    seed: int = 0,
+    strips_per_prompt: int = 1,
+) -> list[dict[str, Any]]:
+    """Interpolation strips (``interpolate=z|text``): ``z`` walks the noise with each prompt fixed
+    (``strips_per_prompt`` strips from seeds ``seed, seed+1, ...``); ``text`` walks from each prompt to the next
+    with the noise fixed. Writes ``strip_<n>.png`` (one row of ``steps`` images), ``grid.png`` (one strip per row)
+    and ``manifest.jsonl``; returns its lines."""
+    if not callable(getattr(model, "interpolate", None)):
+        raise ConfigError(f"model={model.family_name} has no interpolation; interpolate= works for galip")
+    if mode not in ("z", "text"):
+        raise ConfigError(f"interpolate must be z or text, got {mode!r}")
+    if steps < 2:
+        raise ConfigError(f"steps={steps}: an interpolation strip needs at least 2 images")
+    if mode == "text" and len(prompts) < 2:
+        raise ConfigError("interpolate=text walks from one prompt to the next: give at least two prompts")
+    if mode == "z":
+        jobs = [(p, None, seed + k) for p in prompts for k in range(strips_per_prompt)]
+    else:
+        jobs = [(a, b, seed) for a, b in itertools.pairwise(prompts)]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest, strips = [], []
+    for n, (prompt_a, prompt_b, strip_seed) in enumerate(tqdm(jobs, desc="interpolating", unit="strip")):
+        strip = model.interpolate(prompt_a, prompt_b, mode=mode, steps=steps, seed=strip_seed).float().cpu()
+        save_image(make_grid(strip, nrow=steps, padding=1), output_dir / f"strip_{n}.png")
+        line = {
+            "prompt": prompt_a,
+            "file": f"strip_{n}.png",
+            "seed": strip_seed,
+            "mode": mode,
+            "steps": steps,
+        }
+        if prompt_b is not None:
+            line["prompt_b"] = prompt_b
+        manifest.append(line)
+        strips.append(strip)
+    save_image(make_grid(torch.cat(strips), nrow=steps, padding=1), output_dir / "grid.png")
+    write_manifest(manifest, output_dir)
+    return manifest
+
+
+def add_clip_scores(
+    manifest: list[dict[str, Any]], output_dir: Path, scorer: Any, batch_size: int = 64
+) -> float:
+    """Score every image of a sample folder against its prompt (``clip_score`` in each manifest line);
+    returns the mean."""
+    from torchvision.io import ImageReadMode, read_image
+
+    from t2i_train.metrics.clip_score import clip_score
+
+    for start in range(0, len(manifest), batch_size):
+        lines = manifest[start : start + batch_size]
+        images = torch.stack(
+            [read_image(str(output_dir / line["file"]), ImageReadMode.RGB).float() / 255 for line in lines]
+        )
+        scores = clip_score(images, [line["prompt"] for line in lines], scorer)
+        for line, score in zip(lines, scores.tolist()):
+            line["clip_score"] = round(score, 4)
+    write_manifest(manifest, output_dir)
+    return sum(line["clip_score"] for line in manifest) / max(1, len(manifest))
+
+
+def pick_scorer(spec: str | None, model: Any, device: torch.device) -> Any:
+    """The CLIP that scores samples: ``clip_scorer=SPEC`` (see ``load_scorer``), else the family's own frozen
+    CLIP (GALIP's)."""
+    from t2i_train.metrics.clip_score import load_scorer
+    from t2i_train.models.clip import FrozenCLIP
+
+    if spec:
+        return load_scorer(spec, device)
+    own = getattr(model, "clip", None)
+    if isinstance(own, FrozenCLIP):
+        return own
+    raise ConfigError(
+        "clip_score=true needs clip_scorer=<clip .ckpt | export folder | open_clip:NAME/TAG> "
+        f"(model={getattr(model, 'family_name', '?')} holds no CLIP of its own)"
+    )
+
+
+def write_manifest(manifest: list[dict[str, Any]], output_dir: Path) -> None:
     with open(output_dir / "manifest.jsonl", "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in manifest)
-    return manifest
 
 
 def training_sampling_kwargs(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -93,14 +182,30 @@ def training_sampling_kwargs(ckpt: dict[str, Any]) -> dict[str, Any]:
 def _hydra_main(cfg: DictConfig) -> None:
     prompts = read_prompts(cfg.prompts, cfg.prompts_file)
     ckpt = read_checkpoint(cfg.checkpoint)
-    model = load_family(cfg.checkpoint, use_ema=cfg.use_ema, ckpt=ckpt).to(pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    model = load_family(cfg.checkpoint, use_ema=cfg.use_ema, ckpt=ckpt).to(device)
+    if not model.generates_images():
+        raise ConfigError(
+            f"{cfg.checkpoint} is a model={model.family_name} checkpoint, which does not generate images; "
+            "pass a checkpoint of an image family (muse, galip, ...)"
+        )
+    scorer = pick_scorer(cfg.clip_scorer, model, device) if cfg.clip_score else None
     sampling = {**training_sampling_kwargs(ckpt), **OmegaConf.to_container(cfg.sampling, resolve=True)}
     log.info("sampling with %s", sampling)
     out = Path(cfg.output_dir)
+    if cfg.interpolate:
+        manifest = interpolate_to_dir(
+            model, prompts, out, str(cfg.interpolate), int(cfg.steps), cfg.seed, cfg.images_per_prompt
+        )
+        print(f"wrote {len(manifest)} interpolation strips, grid.png and manifest.jsonl to {out}")
+        return
     manifest = sample_to_dir(
         model, prompts, out, cfg.images_per_prompt, cfg.seed, cfg.batch_size, sampling, cfg.grid_columns
     )
     print(f"wrote {len(manifest)} images, grid.png and manifest.jsonl to {out}")
+    if scorer is not None:
+        mean = add_clip_scores(manifest, out, scorer)
+        print(f"mean CLIP score {mean:.2f} over {len(manifest)} images (clip_score in manifest.jsonl)")
 
 
 def main() -> None:

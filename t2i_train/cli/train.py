@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -83,8 +84,6 @@ def build_strategy(cfg: DictConfig, model: Family | None = None) -> Any:
 
 def check_strategy_fits(target: str, cfg: DictConfig) -> None:
     """One clear line instead of a deep Lightning error for strategies this machine cannot run."""
-    import torch
-
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if target in GPU_ONLY_STRATEGIES and on_cpu:
@@ -158,6 +157,8 @@ def last_checkpoint_is_current(trainer: L.Trainer, last: Path) -> bool:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg`` and fit; returns where the results are."""
     quiet_third_party()
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     run_dir = Path(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")

@@ -101,9 +101,14 @@ class Family(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @classmethod
+    def generates_images(cls) -> bool:
+        """Whether this family implements ``generate`` (CLIP and VQGAN do not: they are stage-1 models)."""
+        return cls.generate is not Family.generate
+
     @torch.no_grad()
     def generate(self, prompts: list[str], **sampling: Any) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} does not generate images")
+        raise ConfigError(f"model={self.family_name} does not generate images; sample from an image family")
 
     @torch.no_grad()
     def pre_encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

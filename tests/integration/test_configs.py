@@ -17,7 +17,7 @@ from t2i_train.weights import no_weight_loading
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # Paper-size presets are composed and built on the meta device, never trained here.
-PAPER_SIZE = {"muse_3b"}
+PAPER_SIZE = {"muse_3b", "galip_coco"}
 
 
 def compose_train(overrides: list[str]):

@@ -1,0 +1,36 @@
+"""`python -m t2i_train.pipeline` (what `make train` runs), shrunk to a few steps: every stage, then a re-run
+that resumes instead of retraining."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tests.conftest import run_cli
+
+FAST = ["trainer.max_steps=2", "data.batch_size=8", "data.num_workers=0", "trainer.enable_progress_bar=false"]
+
+
+def test_pipeline_runs_every_stage_and_resumes(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    args = ["t2i_train.pipeline", f"--data={data}", f"--out={out}", "--count=256", "--images-per-prompt=1"]
+    stages = ["--vqgan", *FAST, "--muse", *FAST, "sampling.kwargs.steps=2"]
+    proc = run_cli(*args, *stages)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["vqgan_psnr_db"] > 0 and report["seen"]["n"] == 48 and report["heldout"]["n"] > 0
+    assert (out / "tokens" / "encoded.json").is_file() and (out / "tokens" / "val" / "encoded.json").is_file()
+    assert (out / "samples_seen" / "grid.png").is_file()
+    assert "muse recipe: done" in proc.stdout
+    muse_ckpt = out / "muse" / "checkpoints" / "last.ckpt"
+    assert torch.load(muse_ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
+
+    # a second run with more Muse steps continues from the checkpoints instead of starting over
+    more = ["--vqgan", *FAST, "--muse", *FAST[1:], "trainer.max_steps=3", "sampling.kwargs.steps=2"]
+    proc = run_cli(*args, *more)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(muse_ckpt, map_location="cpu", weights_only=False)["global_step"] == 3
+    vq = torch.load(out / "vqgan" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert vq["global_step"] == 2
