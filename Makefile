@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the package with its dev tools
 
-train: $(STAMP)  ## shapes data -> VQGAN -> tokens -> Muse -> samples -> prompt-following score (CPU, ~11 min)
+train: $(STAMP)  ## shapes data -> VQGAN -> tokens -> Muse -> samples -> prompt-following score (CPU, ~13 min)
 	$(BIN)/python -m t2i_train.pipeline --data $(DATA) --out $(OUT)
 
 train-galip: $(STAMP)  ## shapes data -> CLIP -> GALIP through it -> samples -> prompt-following score (CPU, ~12 min)
