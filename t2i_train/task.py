@@ -120,6 +120,8 @@ class T2ITask(L.LightningModule):
         #: base of the per-step seeds (the run's ``seed``; the CLI sets it); None leaves the RNGs alone.
         self.step_seed: int | None = None
         self.skipped_samples = 0
+        #: training samples per caption key (``data.caption_keys`` blending), logged as data/caption_<key>
+        self.caption_counts: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -152,6 +154,13 @@ class T2ITask(L.LightningModule):
         if skipped is not None:
             self.skipped_samples += int(torch.as_tensor(skipped).sum())
             self.log("data/skipped_total", float(self.skipped_samples), on_step=True)
+        sources = batch.get("caption_source")
+        if sources:
+            for key in sources:
+                self.caption_counts[key] = self.caption_counts.get(key, 0) + 1
+            total = sum(self.caption_counts.values())
+            for key, count in self.caption_counts.items():
+                self.log(f"data/caption_{key}", count / total, on_step=True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.step_seed is not None:
@@ -215,12 +224,14 @@ class T2ITask(L.LightningModule):
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state()
         checkpoint["t2i_skipped_samples"] = self.skipped_samples
+        checkpoint["t2i_caption_counts"] = dict(self.caption_counts)
         self._leave_out_external_weights(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load(checkpoint["ema"])
         self.skipped_samples = int(checkpoint.get("t2i_skipped_samples", 0))
+        self.caption_counts = dict(checkpoint.get("t2i_caption_counts", {}))
         self._restore_external_weights(checkpoint)
 
     def _external_prefixes(self, names: Iterable[str]) -> tuple[str, ...]:

@@ -72,12 +72,15 @@ def reconstruction(
         raise ConfigError(f"{checkpoint} holds a {model.family_name}, which does not reconstruct images")
     data = ShardDataModule(train_urls=urls, batch_size=batch_size, num_workers=0, image_size=image_size)
     data.setup("fit")
-    scores, used, seen = [], torch.zeros(model.codebook_size, dtype=torch.bool), 0
+    codebook = getattr(model, "codebook_size", None)  # VQ tokenizers: also count the codes in use
+    used = torch.zeros(codebook, dtype=torch.bool) if codebook else None
+    scores, seen = [], 0
     for batch in data.train_dataloader():
         images = batch["image"][: max_images - seen]
         recon = model.reconstruct(images)
         scores.append(psnr((recon.clamp(-1, 1) + 1) / 2, (images + 1) / 2).per_image)
-        used[model.encode_to_indices(images).flatten().unique()] = True
+        if used is not None:
+            used[model.encode_to_indices(images).flatten().unique()] = True
         seen += len(images)
         if seen >= max_images:
             break
@@ -87,9 +90,9 @@ def reconstruction(
         "images": seen,
         "psnr_db": round(values.mean().item(), 3),
         "psnr_db_min": round(values.min().item(), 3),
-        "codebook_used": int(used.sum()),
-        "codebook_size": model.codebook_size,
     }
+    if used is not None:
+        result.update(codebook_used=int(used.sum()), codebook_size=codebook)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=2))

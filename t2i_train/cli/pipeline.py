@@ -1,16 +1,21 @@
-"""`python -m t2i_train.pipeline [--recipe muse|galip] [--data DIR] [--out DIR] [--<stage> K=V ...]`: a shapes recipe
-end to end in one process (`make train` is the muse recipe, `make train-galip` the galip one).
+"""`python -m t2i_train.pipeline [--recipe muse|galip|diffusion|dalle3] [--data DIR] [--out DIR] [--<stage> K=V ...]`:
+a shapes recipe end to end in one process (`make train` is the muse recipe; `make train-galip`, `make train-diffusion`
+and `make train-dalle3` the others).
 
 Stages (each the same code as its own CLI, run in one Python process so the ~10 s of imports are paid once):
 synthetic shapes shards (when ``DATA/dataset.json`` is missing), then
 - muse: ``experiment=shapes_vqgan`` -> held-out PSNR -> pre-encoded tokens (train and val) -> ``experiment=shapes_muse``
   on the tokens;
 - galip: ``experiment=shapes_clip`` -> ``experiment=shapes_galip`` through that CLIP;
+- diffusion: ``experiment=shapes_vae`` -> held-out PSNR -> pre-encoded latents -> ``experiment=shapes_diffusion`` on
+  the latents and the descriptive captions; its prompts are upsampled to descriptive ones before sampling;
 then samples for the seen and the held-out prompts -> prompt-following scores -> ``OUT/report.json`` and a summary.
+- dalle3: the DALL-E 3 ablation in miniature (``t2i_train.cli.dalle3``): VAE, CLIP, captioner, recaptioned shards,
+  latent diffusion on three caption blends, one table.
 
 Re-running continues where it stopped: training stages resume from their ``last.ckpt`` (a finished one returns
 at once), encoding skips finished shards; sampling and scoring are redone. ``--vqgan``/``--muse``/``--clip``/
-``--galip`` take train overrides of that stage (``--muse trainer.max_steps=3000``).
+``--galip``/``--vae``/``--diffusion``/``--captioner`` take train overrides of that stage (``--muse trainer.max_steps=3000``).
 """
 
 from __future__ import annotations
@@ -45,13 +50,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--count", type=int, default=20000, help="training samples when the data are made")
     parser.add_argument(
-        "--recipe", choices=sorted(RECIPES), default="muse", help="muse (make train) or galip"
+        "--recipe",
+        choices=[*sorted(RECIPES), "dalle3"],
+        default="muse",
+        help="muse (make train), galip, diffusion, dalle3",
     )
-    for stage in ("vqgan", "muse", "clip", "galip"):
+    for stage in ("vqgan", "muse", "clip", "galip", "vae", "diffusion", "captioner"):
         parser.add_argument(
             f"--{stage}", nargs="*", default=[], metavar="K=V", help=f"overrides of the {stage} stage"
         )
     parser.add_argument("--images-per-prompt", type=int, default=4)
+    parser.add_argument(
+        "--blends",
+        default="0,0.65,0.95",
+        help="dalle3: fractions of synthetic descriptive captions, one diffusion model each (default %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
@@ -77,8 +90,11 @@ def train_stage(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def sample_and_score(
-    checkpoint: Path, prompts_file: Path, out: Path, images_per_prompt: int
+    checkpoint: Path, prompts_file: Path, out: Path, images_per_prompt: int, descriptive: bool = False
 ) -> dict[str, Any]:
+    """Sample the prompts of ``prompts_file`` and read the images; ``descriptive``: generate from the prompts
+    rewritten into full descriptive captions (what a model trained on those expects), scored against the
+    short prompt's colour, shape and position."""
     from t2i_train.checkpoint import load_family, read_checkpoint
     from t2i_train.cli.evaluate import prompt_following
     from t2i_train.cli.sample import read_prompts, sample_to_dir, training_sampling_kwargs
@@ -86,8 +102,18 @@ def sample_and_score(
     ckpt = read_checkpoint(checkpoint)
     model = load_family(checkpoint, ckpt=ckpt)
     prompts = read_prompts(None, str(prompts_file))
-    sample_to_dir(model, prompts, out, images_per_prompt, seed=0, sampling=training_sampling_kwargs(ckpt))
+    upsampled = descriptive_prompts(prompts) if descriptive else None
+    sampling = training_sampling_kwargs(ckpt)
+    sample_to_dir(model, prompts, out, images_per_prompt, seed=0, sampling=sampling, upsampled=upsampled)
     return prompt_following(str(out))
+
+
+def descriptive_prompts(prompts: list[str]) -> list[str]:
+    """Canonical shapes prompts -> the descriptive template's wording of the same combination."""
+    from t2i_train.data.synthetic import descriptive_prompt
+    from t2i_train.metrics.shapes_reader import parse_prompt
+
+    return [descriptive_prompt(*parse_prompt(p)) for p in prompts]
 
 
 def muse_recipe(args: argparse.Namespace) -> Path:
@@ -127,7 +153,46 @@ def galip_recipe(args: argparse.Namespace) -> Path:
     return out / "galip" / "checkpoints" / "last.ckpt"
 
 
-RECIPES = {"muse": muse_recipe, "galip": galip_recipe}
+def vae_and_latents(args: argparse.Namespace, splits: dict[str, Path]) -> Path:
+    """Train the shapes VAE, record its held-out PSNR, pre-encode ``splits`` (name -> shard folder) into
+    ``OUT/latents/<name>``; returns the VAE checkpoint."""
+    from t2i_train.cli.encode import encode
+    from t2i_train.cli.evaluate import reconstruction
+
+    data, out = args.data, args.out
+    vae_dir = out / "vae"
+    train_stage(vae_dir, ["experiment=shapes_vae", f"data.train_urls={data}", *args.vae])
+    vae_ckpt = vae_dir / "checkpoints" / "last.ckpt"
+    psnr = reconstruction(str(vae_ckpt), str(data / "val"), output=str(vae_dir / "psnr.json"))
+    log.info("VAE held-out PSNR %.2f dB", psnr["psnr_db"])
+    for name, folder in splits.items():
+        encode(str(vae_ckpt), str(folder), str(out / "latents" / name))
+    return vae_ckpt
+
+
+def latent_data(latents: Path, vae_ckpt: Path) -> list[str]:
+    """Overrides that train a diffusion stage on pre-encoded latents (train and val folders under ``latents``)."""
+    return [
+        f"data.train_urls={latents / 'train'}",
+        f"data.val_urls={latents / 'val'}",
+        "data.fields=[latents]",
+        "data.load_images=false",
+        f"model.vae_checkpoint={vae_ckpt}",
+        "torch_threads=2",  # the data worker only reads latents: both cores go to the UNet
+    ]
+
+
+def diffusion_recipe(args: argparse.Namespace) -> Path:
+    """VAE -> held-out PSNR -> latents -> diffusion on the descriptive captions; returns its checkpoint."""
+    vae_ckpt = vae_and_latents(args, {"train": args.data, "val": args.data / "val"})
+    overrides = ["experiment=shapes_diffusion", *latent_data(args.out / "latents", vae_ckpt), *args.diffusion]
+    train_stage(args.out / "diffusion", overrides)
+    return args.out / "diffusion" / "checkpoints" / "last.ckpt"
+
+
+RECIPES = {"muse": muse_recipe, "galip": galip_recipe, "diffusion": diffusion_recipe}
+#: recipes whose model is trained on descriptive captions: sampled from upsampled prompts
+DESCRIPTIVE = {"diffusion"}
 
 
 @user_errors_exit
@@ -136,6 +201,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     start = time.time()
     ensure_shapes_data(args.data, args.count)
+    if args.recipe == "dalle3":
+        from t2i_train.cli.dalle3 import run_ablation
+
+        return run_ablation(args, start)
     checkpoint = RECIPES[args.recipe](args)
     for split in SPLITS:
         scores = sample_and_score(
@@ -143,6 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.data / f"prompts_{split}.txt",
             args.out / f"samples_{split}",
             args.images_per_prompt,
+            descriptive=args.recipe in DESCRIPTIVE,
         )
         log.info("prompt following, %s prompts: %.1f%% all three", split, 100 * scores["all"])
     report = collect(args.out, int(time.time() - start), args.recipe)

@@ -5,6 +5,10 @@ one line per image: ``{"prompt": ..., "file": "<n>.png", "seed": ..., "batch_see
 batches of ``batch_size``; the generator of each batch is seeded with ``batch_seed = seed + n_first`` so the
 same command reproduces the same files. Sampling options default to those the run sampled its grids with
 (``sampling.kwargs`` of its training config, stored in the checkpoint); ``sampling.<arg>=value`` overrides them.
+
+``upsampler=template|causal_lm`` (config group ``conf/upsampler``, see ``t2i_train.text.upsampler``) rewrites the
+prompts into descriptive captions before they are encoded (DALL-E 3's caption upsampling); each manifest line
+then also holds the ``upsampled_prompt`` the image was drawn from, while ``prompt`` stays the user's.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from t2i_train.checkpoint import load_family, read_checkpoint
-from t2i_train.cli.common import CONF_DIR, allow_new_keys, user_errors_exit
+from t2i_train.cli.common import CONF_DIR, allow_new_keys, fail, user_errors_exit
 from t2i_train.errors import ConfigError
+from t2i_train.text.upsampler import Upsampler, build_upsampler
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +64,33 @@ def sample_to_dir(
     batch_size: int = 16,
     sampling: dict[str, Any] | None = None,
     grid_columns: int | None = None,
+    upsampled: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate ``images_per_prompt`` images per prompt into ``output_dir``; returns the manifest lines."""
+    """Generate ``images_per_prompt`` images per prompt into ``output_dir``; returns the manifest lines.
+
+    ``upsampled`` (one per prompt): the texts the images are generated from instead, recorded as
+    ``upsampled_prompt`` beside the original ``prompt``.
+    """
+    if upsampled is not None and len(upsampled) != len(prompts):
+        raise ValueError(f"{len(upsampled)} upsampled prompts for {len(prompts)} prompts")
     output_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    jobs = [p for p in prompts for _ in range(images_per_prompt)]
+    texts = prompts if upsampled is None else upsampled
+    jobs = [(p, t) for p, t in zip(prompts, texts) for _ in range(images_per_prompt)]
     manifest: list[dict[str, Any]] = []
     images: list[torch.Tensor] = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", unit="batch"):
         batch = jobs[start : start + batch_size]
         batch_seed = seed + start
         generator = torch.Generator(device=device).manual_seed(batch_seed)
-        out = model.generate(batch, generator=generator, **(sampling or {})).float().clamp(0, 1).cpu()
-        for i, (prompt, image) in enumerate(zip(batch, out)):
+        out = model.generate([t for _, t in batch], generator=generator, **(sampling or {}))
+        for i, ((prompt, text), image) in enumerate(zip(batch, out.float().clamp(0, 1).cpu())):
             n = start + i
             save_image(image, output_dir / f"{n}.png")
-            manifest.append({"prompt": prompt, "file": f"{n}.png", "seed": seed, "batch_seed": batch_seed})
+            line: dict[str, Any] = {"prompt": prompt}
+            if upsampled is not None:
+                line["upsampled_prompt"] = text
+            manifest.append({**line, "file": f"{n}.png", "seed": seed, "batch_seed": batch_seed})
             images.append(image)
     columns = grid_columns or (images_per_prompt if images_per_prompt > 1 else min(8, len(images)))
     save_image(make_grid(torch.stack(images), nrow=columns, padding=1), output_dir / "grid.png")
@@ -177,12 +193,70 @@ def training_sampling_kwargs(ckpt: dict[str, Any]) -> dict[str, Any]:
     return dict((config.get("sampling") or {}).get("kwargs") or {})
 
 
+def make_upsampler(options: DictConfig, device: torch.device) -> Upsampler:
+    """The ``upsampler`` config group's choice; a causal LM runs on the sampling device unless told otherwise."""
+    kwargs = OmegaConf.to_container(options, resolve=True)
+    kind = str(kwargs.pop("kind", "none"))
+    if kind == "causal_lm" and kwargs.get("device") is None:
+        kwargs["device"] = str(device)
+    return build_upsampler(kind, **kwargs)
+
+
+def upsample_prompts(cfg: DictConfig, prompts: list[str], device: torch.device) -> list[str] | None:
+    """The upsampled prompts (None for ``upsampler=none``); prints a couple of examples.
+
+    The upsampler is dropped before the image model loads, so a large LM and the image model never share the
+    device.
+    """
+    if cfg.upsampler.kind == "none":
+        return None
+    if cfg.interpolate:
+        raise ConfigError(
+            f"upsampler={cfg.upsampler.kind} applies to sampling; interpolate= takes the prompts as they are"
+        )
+    upsampler = make_upsampler(cfg.upsampler, device)
+    upsampled = upsampler(prompts)
+    del upsampler
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for short, long in list(zip(prompts, upsampled))[:2]:
+        print(f"upsampled {short!r} -> {long!r}")
+    return upsampled
+
+
+def check_upsampler_args(argv: list[str]) -> None:
+    """One line for an unknown ``upsampler=`` choice or ``upsampler.<option>`` of the chosen one.
+
+    ``check_group_choices`` covers the training groups only, and Hydra's own messages for these span many lines.
+    """
+    group = CONF_DIR / "upsampler"
+    kinds = sorted(p.stem for p in group.glob("*.yaml"))
+    choice, keys = "none", []
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key == "upsampler":
+            choice = value
+        elif key.startswith("upsampler."):
+            keys.append(key[len("upsampler.") :])
+    if choice not in kinds:
+        fail(f"unknown upsampler '{choice}'; choose one of: {', '.join(kinds)}")
+    allowed = [k for k in OmegaConf.load(group / f"{choice}.yaml") if k != "kind"]
+    for key in keys:
+        if key.split(".")[0] not in allowed:
+            known = f"its options: {', '.join(allowed)}" if allowed else "it takes none"
+            fail(f"upsampler={choice} has no option '{key}'; {known}")
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
 @user_errors_exit
 def _hydra_main(cfg: DictConfig) -> None:
     prompts = read_prompts(cfg.prompts, cfg.prompts_file)
     ckpt = read_checkpoint(cfg.checkpoint)
     device = pick_device(cfg.device)
+    upsampled = upsample_prompts(cfg, prompts, device)
     model = load_family(cfg.checkpoint, use_ema=cfg.use_ema, ckpt=ckpt).to(device)
     if not model.generates_images():
         raise ConfigError(
@@ -200,7 +274,15 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"wrote {len(manifest)} interpolation strips, grid.png and manifest.jsonl to {out}")
         return
     manifest = sample_to_dir(
-        model, prompts, out, cfg.images_per_prompt, cfg.seed, cfg.batch_size, sampling, cfg.grid_columns
+        model,
+        prompts,
+        out,
+        cfg.images_per_prompt,
+        cfg.seed,
+        cfg.batch_size,
+        sampling,
+        cfg.grid_columns,
+        upsampled,
     )
     print(f"wrote {len(manifest)} images, grid.png and manifest.jsonl to {out}")
     if scorer is not None:
@@ -209,6 +291,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_upsampler_args(sys.argv[1:])
     sys.argv[1:] = allow_new_keys(sys.argv[1:], ("sampling.",))
     _hydra_main()
 

@@ -183,6 +183,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not last_checkpoint_is_current(trainer, last):
         trainer.save_checkpoint(last)  # every rank calls it: a collective under sharded strategies
     result = {"run_dir": str(run_dir), "last_checkpoint": str(last), "global_step": trainer.global_step}
+    result["caption_counts"] = dict(task.caption_counts)  # training samples per caption key (blending)
+    if len(task.caption_counts) > 1:
+        log.info("captions used per key: %s", task.caption_counts)
     metric = cfg.get("optimized_metric")
     if metric:
         result["optimized_metric"] = read_metric(trainer, metric)

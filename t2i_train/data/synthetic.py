@@ -88,6 +88,21 @@ def canonical_prompt(colour: str, shape: str, position: str) -> str:
     return f"a {colour} {shape} in the {position}"
 
 
+def descriptive_prompt(colour: str, shape: str, position: str, size: int = 32, template: int = 0) -> str:
+    """A full descriptive prompt for a combination: ``DESCRIPTIVE_TEMPLATES[template]`` with a medium-sized
+    shape of the nominal extent (the evaluation prompts of the DALL-E 3 recipe and the template upsampler)."""
+    _check(colour, shape, position)
+    return DESCRIPTIVE_TEMPLATES[template % len(DESCRIPTIVE_TEMPLATES)].format(
+        colour=colour,
+        shape=shape,
+        position=position,
+        background=BACKGROUND_NAME,
+        size=size,
+        extent=round(EXTENT_FRACTION * size),
+        size_word="medium-sized",
+    )
+
+
 def combination_name(colour: str, shape: str, position: str) -> str:
     """The "colour shape position" string used in holdout lists, e.g. "red circle top left"."""
     return f"{colour} {shape} {position}"

@@ -82,7 +82,9 @@ def parse_meta(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_caption(raw: Mapping[str, Any], meta: Mapping[str, Any], key: str) -> str | None:
-    """Caption under ``key``: a file extension (``txt``) or a JSON field (``json.descriptive``, nested ``json.a.b``)."""
+    """Caption under ``key``: a file extension (``txt``), a JSON field (``json.descriptive``, nested ``json.a.b``),
+    or a bare name whose ``<name>.txt`` member holds it (``dsc`` reads ``dsc.txt``, written by
+    ``python -m t2i_train.recaption``)."""
     if key.startswith("json."):
         value: Any = meta
         for part in key[len("json.") :].split("."):
@@ -90,6 +92,8 @@ def read_caption(raw: Mapping[str, Any], meta: Mapping[str, Any], key: str) -> s
         text = value if isinstance(value, str) else None
     else:
         data = raw.get(key)
+        if data is None:
+            data = raw.get(f"{key}.txt")
         if data is None:
             return None
         try:

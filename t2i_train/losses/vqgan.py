@@ -71,7 +71,7 @@ class VGGPerceptual(nn.Module):
         return total
 
 
-def _find_vgg_weights(path: str | None) -> Path:
+def find_vgg_weights(path: str | None) -> Path:
     candidates = (
         [Path(path).expanduser()] if path else [Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE]
     )
@@ -125,7 +125,7 @@ class VQGANLoss(Loss):
         self._perceptual: VGGPerceptual | None = None
         if perceptual_weight > 0 and weight_loading_enabled():
             # Held outside the module tree: frozen, never saved in checkpoints, moved lazily to the data device.
-            object.__setattr__(self, "_perceptual", VGGPerceptual(_find_vgg_weights(perceptual_weights)))
+            object.__setattr__(self, "_perceptual", VGGPerceptual(find_vgg_weights(perceptual_weights)))
 
     def _perceptual_distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         net = self._perceptual

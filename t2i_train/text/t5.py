@@ -26,6 +26,8 @@ from t2i_train.text.base import PromptCache, TextEncoder
 from t2i_train.weights import weight_loading_enabled
 
 BYTE_TOKENIZER = "byt5"
+#: CLIP's BPE vocabulary (49,408 ids, from open_clip's bundled file): one token per common word, no download
+CLIP_BPE = "clip_bpe"
 
 
 class T5TextEncoder(TextEncoder):
@@ -37,7 +39,7 @@ class T5TextEncoder(TextEncoder):
             names); used to build random weights, and checked against the pretrained config when loading.
         max_length: prompts are truncated to this many tokens (EOS included).
         init_seed: seed of the random initialisation (pretrained=None).
-        tokenizer: "byt5" for the byte tokenizer, a transformers name, or None (= ``pretrained`` if set, else
+        tokenizer: "byt5" for the byte tokenizer, "clip_bpe" for CLIP's BPE (set vocab_size=49408), a transformers name, or None (= ``pretrained`` if set, else
             "byt5").
         padding: "longest" (pad to the batch's longest prompt) or "max_length" (fixed shapes).
         dtype: store the (frozen) weights in this dtype, e.g. "bfloat16" halves T5-XXL's 19 GB; None = fp32.
@@ -100,6 +102,10 @@ class T5TextEncoder(TextEncoder):
         if self._tokenizer is None:
             if self.tokenizer_name == BYTE_TOKENIZER:
                 self._tokenizer = ByT5Tokenizer()
+            elif self.tokenizer_name == CLIP_BPE:
+                from t2i_train.text.clip_bpe import clip_bpe_tokenizer
+
+                self._tokenizer = clip_bpe_tokenizer()
             else:
                 self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
         return self._tokenizer

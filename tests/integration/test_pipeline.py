@@ -34,3 +34,32 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     assert torch.load(muse_ckpt, map_location="cpu", weights_only=False)["global_step"] == 3
     vq = torch.load(out / "vqgan" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert vq["global_step"] == 2
+
+
+def test_dalle3_recipe_runs_every_stage(tmp_path: Path) -> None:
+    """CLIP -> captioner -> recaptioned shards -> VAE -> latents -> one diffusion model per blend -> table."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    args = ["t2i_train.pipeline", "--recipe=dalle3", f"--data={data}", f"--out={out}", "--count=256"]
+    args += ["--images-per-prompt=1", "--blends=0,0.95"]
+    stages = [
+        "--clip",
+        *FAST,
+        "--captioner",
+        *FAST,
+        "--vae",
+        *FAST,
+        "--diffusion",
+        *FAST,
+        "sampling.kwargs.steps=2",
+    ]
+    proc = run_cli(*args, *stages)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["arms"]) == {"synthetic_00", "synthetic_95"}
+    blended = report["arms"]["synthetic_95"]
+    assert "dsc" in blended["caption_counts"] and set(blended["caption_counts"]) <= {"dsc", "json.alt_text"}
+    assert blended["seen"]["n"] == 48 and blended["heldout"]["clip_score"] >= 0
+    assert report["arms"]["synthetic_00"]["caption_counts"] == {"json.alt_text": 16}  # 2 steps x 8
+    recaptioned = out / "recaptioned" / "train"
+    assert any(recaptioned.glob("*.tar")) and (recaptioned / "recaptioned.json").is_file()
+    assert "| alt-text only |" in (out / "ablation.md").read_text() and "| 95% synthetic DSC |" in proc.stdout

@@ -123,3 +123,25 @@ def test_prompt_cache_matches_the_encoder_and_is_bypassed_while_trainable() -> N
     fixed = T5TextEncoder(cache_size=8, padding="max_length", max_length=20).requires_grad_(False).eval()
     emb, mask = fixed(prompts)
     assert emb.shape[1] == 20 and torch.allclose(emb, fixed.encode(prompts)[0], atol=1e-6)
+
+
+def test_clip_bpe_tokenizer_matches_open_clip_offline(tmp_path, monkeypatch) -> None:
+    """The offline CLIP BPE tokenizer (built from open_clip's bundled merges) gives open_clip's ids."""
+    import open_clip
+
+    from t2i_train.text import clip_bpe
+
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path))
+    clip_bpe.clip_bpe_tokenizer.cache_clear()
+    tokenizer = clip_bpe.clip_bpe_tokenizer()
+    assert (
+        len(tokenizer) == clip_bpe.VOCAB_SIZE and (tmp_path / "clip_bpe_tokenizer" / "merges.txt").is_file()
+    )
+    text = "On a uniform dark gray background, one medium-sized red circle is placed in the top left."
+    ids = tokenizer([text])["input_ids"][0]
+    reference = open_clip.tokenize([text])[0]
+    assert ids == reference[reference > 0].tolist()
+    encoder = T5TextEncoder(tokenizer="clip_bpe", vocab_size=clip_bpe.VOCAB_SIZE, max_length=77)
+    emb, mask = encoder([text, "a red circle"])
+    assert emb.shape[:2] == mask.shape and int(mask[1].sum()) == 5  # start, a, red, circle, end
+    clip_bpe.clip_bpe_tokenizer.cache_clear()

@@ -1,0 +1,478 @@
+"""The DALL-E 3 style image captioner: a causal language model conditioned on frozen CLIP image features.
+
+DALL-E 3 (Betker et al. 2023) recaptions its training images with a captioner trained as a language model on
+CLIP image embeddings; it first learns short synthetic captions of the main subject (SSC), then descriptive
+ones (DSC). Here both styles are trained jointly and chosen at decoding time by a style prompt:
+
+    [image prefix: P tokens] [style prompt, e.g. "describe:"] [caption tokens] [EOS]
+
+- ``clip``: a frozen CLIP image tower (``t2i_train.models.clip.load_frozen_clip``: a ``model=clip`` checkpoint
+  or export in ``clip_checkpoint``, an open_clip name + ``clip_pretrained`` tag, or a random tiny CLIP for
+  smoke tests).
+- ``prefix`` (trainable): ``prefix="embedding"`` maps the pooled, L2-normalised CLIP image embedding through
+  an MLP to ``prefix_tokens`` tokens of the LM's width (ClipCap, Mokady et al. 2021); ``prefix="patches"``
+  projects the final ViT tokens (CLS + patches) one by one.
+- ``lm``: a transformers causal LM fed through ``inputs_embeds``: ``GPT2LMHeadModel`` from ``lm_config``
+  (random init, trained from scratch) or ``lm_pretrained`` (any causal-LM name or folder; ``freeze_lm`` keeps
+  it frozen, then only the prefix is trained, as in ClipCap's frozen-GPT-2 variant).
+- tokenizer: transformers' byte-level ``ByT5Tokenizer`` (no vocabulary file to download), or the tokenizer of
+  ``lm_pretrained``.
+
+Training targets come from the sample's data per style (``style_keys``: ``json.<field>`` from the sample's
+JSON, ``caption`` for the caption the data module picked); each sample draws its style with ``style_probs``
+(fine-tuning on one style is ``style_probs={dsc: 1.0}``). Only caption tokens and EOS are predicted.
+``caption(images, style=...)`` decodes (greedy, beam or nucleus, seeded); the family draws no images.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+from t2i_train.errors import ConfigError
+from t2i_train.losses.cross_entropy import IGNORE_INDEX, NextTokenCrossEntropy
+from t2i_train.models.base import Family
+from t2i_train.weights import weight_loading_enabled
+
+PREFIX_MODES: tuple[str, ...] = ("embedding", "patches")
+DECODING_METHODS: tuple[str, ...] = ("greedy", "beam", "top_p")
+#: The tiny LM of the shapes world: 4 GPT-2 blocks of width 128 over ByT5's 384 byte-level ids.
+TINY_LM_CONFIG: dict[str, Any] = {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 256}
+DEFAULT_STYLE_PROMPTS: dict[str, str] = {"ssc": "short:", "dsc": "describe:"}
+DEFAULT_STYLE_KEYS: dict[str, str] = {"ssc": "json.caption", "dsc": "json.descriptive"}
+DEFAULT_STYLE_PROBS: dict[str, float] = {"ssc": 0.5, "dsc": 0.5}
+
+
+# ------------------------------------------------------------------------------------------------ build
+def _byte_tokenizer() -> Any:
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
+def build_tokenizer(name: str | None) -> Any:
+    """``AutoTokenizer.from_pretrained(name)``, or the byte-level ByT5 tokenizer when ``name`` is None."""
+    if name is None:
+        return _byte_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer {name!r} has no EOS token; the captioner ends captions with one")
+    return tokenizer
+
+
+def build_lm(lm_pretrained: str | None, lm_config: Mapping[str, Any] | None, tokenizer: Any) -> nn.Module:
+    """The causal LM: ``lm_pretrained``'s weights (or only its architecture when weight loading is off), else
+    a ``GPT2LMHeadModel`` from ``lm_config`` (vocab size and special ids default to the tokenizer's)."""
+    if lm_pretrained:
+        if weight_loading_enabled() and torch.empty(0).device.type != "meta":
+            return AutoModelForCausalLM.from_pretrained(lm_pretrained)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(lm_pretrained))
+    vocab_size = len(tokenizer)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    options = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad, **TINY_LM_CONFIG}
+    options.update({k: v for k, v in dict(lm_config or {}).items() if v is not None})
+    options["vocab_size"] = options.get("vocab_size") or vocab_size
+    if options["vocab_size"] < vocab_size:
+        raise ConfigError(
+            f"model.lm_config.vocab_size {options['vocab_size']} < the tokenizer's {vocab_size}"
+        )
+    return GPT2LMHeadModel(GPT2Config(**options))
+
+
+def _lm_width(lm: nn.Module) -> int:
+    return int(lm.get_input_embeddings().embedding_dim)
+
+
+def _lm_max_positions(lm: nn.Module) -> int | None:
+    config = lm.config
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _mapper(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
+    """LayerNorm, then a 2-layer GELU MLP (``hidden > 0``) or one linear map (``hidden == 0``)."""
+    if hidden <= 0:
+        return nn.Sequential(nn.LayerNorm(dim_in), nn.Linear(dim_in, dim_out))
+    return nn.Sequential(
+        nn.LayerNorm(dim_in), nn.Linear(dim_in, hidden), nn.GELU(), nn.Linear(hidden, dim_out)
+    )
+
+
+class EmbeddingPrefix(nn.Module):
+    """Pooled CLIP embedding [B, E] -> ``tokens`` LM tokens [B, tokens, width] (ClipCap's MLP mapper)."""
+
+    def __init__(self, embed_dim: int, width: int, tokens: int, hidden: int) -> None:
+        super().__init__()
+        self.tokens, self.width = tokens, width
+        self.mlp = _mapper(embed_dim, hidden, tokens * width)
+
+    def forward(self, embedding: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mlp(embedding).view(embedding.shape[0], self.tokens, self.width)
+
+
+class PatchPrefix(nn.Module):
+    """Final ViT tokens (CLS + patches) [B, N, clip width] -> [B, N, LM width], projected token by token."""
+
+    def __init__(self, clip_width: int, width: int, hidden: int) -> None:
+        super().__init__()
+        self.mlp = _mapper(clip_width, hidden, width)
+
+    def forward(self, embedding: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        if patches is None:
+            raise ValueError("prefix=patches needs the CLIP patch tokens")
+        return self.mlp(patches)
+
+
+# ------------------------------------------------------------------------------------------------ family
+class Captioner(Family):
+    """Image -> caption language model on frozen CLIP features, two caption styles (see the module docstring).
+
+    Args:
+        clip_checkpoint, clip_model_name, clip_pretrained, clip_config, clip_context_length, clip_init_seed:
+            the frozen CLIP, as for GALIP (``load_frozen_clip``). A checkpoint or pretrained tag makes it an
+            external frozen part (left out of training checkpoints, rebuilt from its source).
+        prefix: ``embedding`` (pooled embedding -> ``prefix_tokens`` tokens) or ``patches`` (ViT tokens).
+        prefix_tokens: tokens of the ``embedding`` prefix; ``prefix_hidden``: the mappers' hidden width (0: a
+            linear map).
+        prefix_noise: in training, Gaussian noise of this many times the features' RMS is added to the CLIP
+            features (CapDec, Nukrai et al. 2022): a smoother mapper that generalises to unseen combinations.
+        lm_pretrained: a transformers causal-LM name or folder (its tokenizer too, unless ``tokenizer``);
+            null: a GPT-2 from ``lm_config`` (``GPT2Config`` keys; default ``TINY_LM_CONFIG``), random init.
+        freeze_lm: keep ``lm_pretrained`` frozen (train only the prefix mapper).
+        tokenizer: a tokenizer name or folder; null: the LM's, or ByT5's byte-level tokenizer.
+        style_prompts: style -> the text placed after the image prefix to ask for that style.
+        style_keys: style -> where its training caption is (``json.<field>`` or ``caption``).
+        style_probs: style -> the probability a training sample is taught that style.
+        max_caption_tokens: captions are cut to this many tokens (EOS included); the default decode length.
+        init_seed: random initialisation of the LM and the mapper (identical in every process).
+    """
+
+    family_name: ClassVar[str] = "captioner"
+    accepted_losses: ClassVar[tuple[type[nn.Module], ...]] = (NextTokenCrossEntropy,)
+    task_class: ClassVar[str] = "t2i_train.captioner_task.CaptionerTask"
+    block_classes: ClassVar[tuple[type[nn.Module], ...]] = (GPT2Block,)
+
+    def __init__(
+        self,
+        clip_checkpoint: str | None = None,
+        clip_model_name: str | None = None,
+        clip_pretrained: str | None = None,
+        clip_config: dict[str, Any] | None = None,
+        clip_context_length: int = 32,
+        clip_init_seed: int = 0,
+        prefix: str = "embedding",
+        prefix_tokens: int = 8,
+        prefix_hidden: int = 256,
+        prefix_noise: float = 0.0,
+        lm_pretrained: str | None = None,
+        lm_config: dict[str, Any] | None = None,
+        freeze_lm: bool = False,
+        tokenizer: str | None = None,
+        style_prompts: dict[str, str] | None = None,
+        style_keys: dict[str, str] | None = None,
+        style_probs: dict[str, float] | None = None,
+        max_caption_tokens: int = 224,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        from t2i_train.models.clip import load_frozen_clip  # open_clip
+
+        if prefix not in PREFIX_MODES:
+            raise ConfigError(f"model.prefix must be one of {', '.join(PREFIX_MODES)}, got {prefix!r}")
+        if freeze_lm and not lm_pretrained:
+            raise ConfigError(
+                "model.freeze_lm=true needs model.lm_pretrained (a random LM cannot stay frozen)"
+            )
+        self.style_prompts = dict(style_prompts or DEFAULT_STYLE_PROMPTS)
+        self.style_keys = dict(style_keys or DEFAULT_STYLE_KEYS)
+        self.style_probs = _check_styles(self.style_prompts, self.style_keys, style_probs)
+        if prefix_noise < 0:
+            raise ConfigError(f"model.prefix_noise must be >= 0, got {prefix_noise}")
+        self.prefix_mode, self.max_caption_tokens = prefix, int(max_caption_tokens)
+        self.prefix_noise = float(prefix_noise)
+        self.clip = load_frozen_clip(
+            clip_checkpoint,
+            clip_model_name,
+            clip_pretrained,
+            clip_config,
+            clip_context_length,
+            clip_init_seed,
+        )
+        self.freeze("clip", external=bool(clip_checkpoint or clip_pretrained))
+        self.tokenizer = build_tokenizer(tokenizer or lm_pretrained)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self.lm = build_lm(lm_pretrained, lm_config, self.tokenizer)
+            self.prefix = self._build_prefix(prefix, prefix_tokens, prefix_hidden)
+        if freeze_lm:
+            self.freeze("lm", external=True)
+        self._style_ids = {s: self._encode(p) for s, p in self.style_prompts.items()}
+        self._check_positions()
+
+    def _build_prefix(self, mode: str, tokens: int, hidden: int) -> nn.Module:
+        width = _lm_width(self.lm)
+        if mode == "embedding":
+            return EmbeddingPrefix(self.clip.embed_dim, width, tokens, hidden)
+        return PatchPrefix(self.clip.width, width, hidden)
+
+    def _check_positions(self) -> None:
+        limit = _lm_max_positions(self.lm)
+        longest = (
+            self.prefix_length + max(len(ids) for ids in self._style_ids.values()) + self.max_caption_tokens
+        )
+        if limit is not None and longest > limit:
+            raise ConfigError(
+                f"the captioner's sequences reach {longest} tokens (prefix {self.prefix_length} + style prompt "
+                f"+ max_caption_tokens {self.max_caption_tokens}) but the LM has {limit} positions; lower "
+                "model.max_caption_tokens or raise the LM's n_positions"
+            )
+
+    @property
+    def prefix_length(self) -> int:
+        """Tokens of the image prefix."""
+        if self.prefix_mode == "embedding":
+            return int(self.prefix.tokens)
+        grid = self.clip.image_size // int(self.clip.model.visual.patch_size[0])
+        return 1 + grid * grid
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.eos_token_id)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    # ---------------------------------------------------------------------------------------- features
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B,3,H,W] in [-1, 1] -> (L2-normalised embedding [B, E], final ViT tokens [B, 1+g², width])."""
+        visual = self.clip.model.visual
+        x = visual.transformer(visual._embeds(self.clip.preprocess(images)))
+        pooled, patches = visual._pool(x)  # open_clip's own ln_post + CLS pooling
+        embedding = pooled @ visual.proj if visual.proj is not None else pooled
+        embedding = nn.functional.normalize(embedding.float(), dim=-1)
+        return embedding, torch.cat([pooled[:, None], patches], dim=1).float()
+
+    def prefix_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        """The image prefix [B, P, LM width] (trainable mapper on frozen features)."""
+        embedding, patches = self.image_features(images)
+        if self.training and self.prefix_noise > 0:
+            embedding, patches = _noisy(embedding, self.prefix_noise), _noisy(patches, self.prefix_noise)
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        return self.prefix(embedding, patches).to(dtype)
+
+    def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    # ---------------------------------------------------------------------------------------- training
+    def choose_styles(self, batch: Mapping[str, Any]) -> list[str]:
+        """One style per sample, drawn with ``style_probs``: from torch's RNG in training (seeded per step by the
+        task), from a hash of the sample key in evaluation (so validation loss is reproducible)."""
+        count = len(batch["caption"])
+        if self.training:
+            draws = torch.rand(count).tolist()
+        else:
+            keys = batch.get("key") or [str(i) for i in range(count)]
+            draws = [zlib.crc32(str(k).encode()) / 2**32 for k in keys]
+        names, probs = list(self.style_probs), list(self.style_probs.values())
+        out = []
+        for u in draws:
+            total, pick = 0.0, names[-1]
+            for name, p in zip(names, probs, strict=True):
+                total += p
+                if u < total:
+                    pick = name
+                    break
+            out.append(pick)
+        return out
+
+    def style_target(self, batch: Mapping[str, Any], index: int, style: str) -> str | None:
+        """The training caption of sample ``index`` for ``style`` (None when the sample lacks it)."""
+        from t2i_train.data.transforms import read_caption
+
+        key = self.style_keys[style]
+        if key == "caption":
+            text = batch["caption"][index]
+            return text.strip() or None if isinstance(text, str) else None
+        metas = batch.get("meta") or [{}] * len(batch["caption"])
+        if key.startswith("json."):
+            return read_caption({}, metas[index], key)
+        raise ConfigError(
+            f"model.style_keys.{style}={key!r}: the captioner reads json.<field> or caption (the data module's "
+            "pick: set data.caption_keys to choose a shard member)"
+        )
+
+    def _sample_tokens(self, batch: Mapping[str, Any], index: int, style: str) -> tuple[list[int], int]:
+        """Token ids after the prefix (style prompt + caption + EOS) and how many of them are the prompt.
+
+        A sample without a caption of its style is taught another style of ``style_probs`` (one with a
+        positive probability) that it has; with none, only its prompt goes in and nothing is predicted.
+        """
+        order = [style, *[s for s in self.style_probs if s != style]]
+        for name in order:
+            text = self.style_target(batch, index, name)
+            if text is not None:
+                prompt = self._style_ids[name]
+                caption = [*self._encode(text)[: self.max_caption_tokens - 1], self.eos_token_id]
+                return prompt + caption, len(prompt)
+        prompt = self._style_ids[style]
+        return list(prompt), len(prompt)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``logits`` [B, T, V] and ``targets`` [B, T] (the next token, IGNORE_INDEX where none is taught).
+
+        The LM runs once per style, each group padded to its own longest row: short (SSC) rows are not
+        padded to descriptive lengths, which would nearly double the cost of a mixed batch.
+        """
+        prefix = self.prefix_embeds(batch["image"])
+        styles = self.choose_styles(batch)
+        rows = [self._sample_tokens(batch, i, s) for i, s in enumerate(styles)]
+        length = prefix.shape[1] + max(len(ids) for ids, _ in rows)
+        logits = prefix.new_zeros((len(rows), length, self.lm.config.vocab_size))
+        targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device=prefix.device)
+        for style in dict.fromkeys(styles):
+            index = [i for i, s in enumerate(styles) if s == style]
+            group_logits, group_targets = self._run_rows(prefix[index], [rows[i] for i in index])
+            logits[index, : group_logits.shape[1]] = group_logits.to(logits.dtype)
+            targets[index, : group_targets.shape[1]] = group_targets
+        return {"logits": logits, "targets": targets}
+
+    def _run_rows(
+        self, prefix: torch.Tensor, rows: list[tuple[list[int], int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM on [prefix, row tokens] right-padded to the longest row: (logits, next-token targets)."""
+        device, plen = prefix.device, prefix.shape[1]
+        length = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), plen + length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), plen + length), dtype=torch.long)
+        for i, (row, prompt_len) in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            labels[i, plen + prompt_len : plen + len(row)] = torch.tensor(row[prompt_len:], dtype=torch.long)
+            mask[i, : plen + len(row)] = 1
+        embeds = torch.cat([prefix, self._embed_ids(ids.to(device))], dim=1)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask.to(device), use_cache=False).logits
+        targets = torch.cat([labels[:, 1:], labels[:, :1].fill_(IGNORE_INDEX)], dim=1)
+        return logits, targets.to(device)
+
+    # ---------------------------------------------------------------------------------------- decoding
+    def _prompt_embeds(self, images: torch.Tensor, style: str) -> torch.Tensor:
+        if style not in self._style_ids:
+            raise ConfigError(
+                f"unknown caption style {style!r}; this captioner knows {', '.join(self._style_ids)}"
+            )
+        prefix = self.prefix_embeds(images)
+        ids = torch.tensor(self._style_ids[style], device=prefix.device).expand(prefix.shape[0], -1)
+        return torch.cat([prefix, self._embed_ids(ids)], dim=1)
+
+    @torch.no_grad()
+    def caption(
+        self,
+        images: torch.Tensor,
+        style: str = "dsc",
+        method: str = "greedy",
+        num_beams: int = 4,
+        top_p: float = 0.9,
+        temperature: float = 1.0,
+        max_new_tokens: int | None = None,
+        seed: int = 0,
+    ) -> list[str]:
+        """Captions of images [B,3,H,W] in [-1, 1] in ``style``.
+
+        ``method``: ``greedy``; ``beam`` (``num_beams`` beams; 1 is greedy); ``top_p`` (nucleus sampling at
+        ``temperature``, drawn from ``seed``: the same images, seed and batch give the same captions).
+        Decoding uses transformers' ``generate`` with the prefix as ``inputs_embeds`` and the KV cache.
+        """
+        embeds = self._prompt_embeds(images, style)
+        options = _decoding_options(method, num_beams, top_p, temperature)
+        device = embeds.device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            ids = self.lm.generate(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=device),
+                max_new_tokens=max_new_tokens or self.max_caption_tokens,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                use_cache=True,
+                **options,
+            )
+        return [self._decode(row) for row in ids.tolist()]
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        if self.eos_token_id in ids:
+            ids = ids[: ids.index(self.eos_token_id)]
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+
+    @torch.no_grad()
+    def sequence_logprob(
+        self, images: torch.Tensor, captions: Sequence[str], style: str = "dsc"
+    ) -> torch.Tensor:
+        """Sum of the log-probabilities of each caption (+ EOS) given its image and the style prompt: [B]."""
+        batch = {"image": images, "caption": list(captions), "meta": [{}] * len(captions)}
+        saved_keys, saved_probs = self.style_keys, self.style_probs
+        self.style_keys, self.style_probs = {style: "caption"}, {style: 1.0}
+        try:
+            out = self.forward(batch)
+        finally:
+            self.style_keys, self.style_probs = saved_keys, saved_probs
+        logp = out["logits"].float().log_softmax(-1)
+        keep = out["targets"] != IGNORE_INDEX
+        picked = logp.gather(-1, out["targets"].clamp(min=0)[..., None])[..., 0]
+        return (picked * keep).sum(dim=1)
+
+
+def _noisy(features: torch.Tensor, scale: float) -> torch.Tensor:
+    """Gaussian noise of ``scale`` times the features' per-vector RMS (CapDec-style feature noise)."""
+    rms = features.square().mean(dim=-1, keepdim=True).sqrt()
+    return features + scale * rms * torch.randn_like(features)
+
+
+def _check_styles(
+    prompts: Mapping[str, str], keys: Mapping[str, str], probs: Mapping[str, float] | None
+) -> dict[str, float]:
+    """Normalised style probabilities; every style needs a prompt and a data key."""
+    probs = dict(probs) if probs is not None else {s: DEFAULT_STYLE_PROBS.get(s, 1.0) for s in prompts}
+    unknown = sorted(set(probs) - set(prompts)) + sorted(set(probs) - set(keys))
+    if not probs or unknown:
+        raise ConfigError(
+            f"model.style_probs {dict(probs)} must name styles that have style_prompts and style_keys "
+            f"({', '.join(sorted(set(prompts) & set(keys)))})"
+        )
+    if any(p < 0 for p in probs.values()) or sum(probs.values()) <= 0:
+        raise ConfigError(f"model.style_probs {dict(probs)} must be non-negative and not all zero")
+    if len(set(prompts.values())) < len(prompts) or any(not p for p in prompts.values()):
+        raise ConfigError(f"model.style_prompts {dict(prompts)} must be distinct, non-empty texts")
+    total = float(sum(probs.values()))
+    return {s: p / total for s, p in probs.items() if p > 0}
+
+
+def _decoding_options(method: str, num_beams: int, top_p: float, temperature: float) -> dict[str, Any]:
+    if method == "greedy":
+        return {"do_sample": False, "num_beams": 1}
+    if method == "beam":
+        if num_beams < 1:
+            raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
+        return {"do_sample": False, "num_beams": int(num_beams)}
+    if method == "top_p":
+        if not 0.0 < top_p <= 1.0 or temperature <= 0:
+            raise ConfigError(f"top_p must be in (0, 1] and temperature > 0 (got {top_p}, {temperature})")
+        return {"do_sample": True, "top_p": float(top_p), "top_k": 0, "temperature": float(temperature)}
+    raise ConfigError(f"decoding method must be one of {', '.join(DECODING_METHODS)}, got {method!r}")
