@@ -3,7 +3,8 @@
 Prints, for the tiny Muse config: training steps/s at two batch sizes, and parallel-decoding images/s for
 several step counts with the ratio to the 12-step default; for the tiny VQGAN: encode+decode images/s; tiny
 GALIP's single-pass generation vs tiny Muse's 12-step parallel decoding at 32², images/s and their ratio
-(`python benchmarks/run.py galip_vs_muse` runs only that part); and per-rank bytes of trainable parameters +
+(`python benchmarks/run.py galip_vs_muse` runs only that part); tiny latent diffusion's images/s with DDIM 50/20 and
+DPM-Solver++ 20/10 steps and their speed-ups over DDIM-50 (`python benchmarks/run.py diffusion`); and per-rank bytes of trainable parameters +
 optimizer state of a ~50M-parameter Muse trained by 2 CPU processes under DDP and under FSDP2, with their ratio
 (`python benchmarks/run.py memory` runs only that part).
 Numbers are wall-clock on whatever this machine is; only the ratios within one run are comparable.
@@ -93,6 +94,26 @@ def galip_vs_muse_bench(batch_size: int = 16) -> dict[str, float]:
     return out
 
 
+def diffusion_samplers_bench(batch_size: int = 16) -> dict[str, float]:
+    """Images/s of tiny latent diffusion with DDIM at 50 and 20 steps and DPM-Solver++ at 20 and 10 (CFG on),
+    and each one's speed-up over DDIM-50, measured in one run."""
+    model, _ = build("diffusion")
+    model.latent_scale.fill_(1.0)  # untrained weights: the speed does not depend on them
+    model.eval()
+    prompts = ["a red circle in the top left"] * batch_size
+    out: dict[str, float] = {}
+    for sampler, steps in (("ddim", 50), ("ddim", 20), ("dpm_solver", 20), ("dpm_solver", 10)):
+        seconds = timed(
+            lambda s=sampler, n=steps: model.generate(prompts, steps=n, sampler=s, seed=0), repeats=2
+        )
+        out[f"diffusion_{sampler}_{steps}_images_per_s_b{batch_size}"] = batch_size / seconds
+    base = out[f"diffusion_ddim_50_images_per_s_b{batch_size}"]
+    for key in list(out):
+        if "ddim_50" not in key:
+            out[key.replace("images_per_s", "speedup_vs_ddim50")] = out[key] / base
+    return out
+
+
 # ~50M trainable parameters (12 blocks of width 512), frozen tiny T5 and tokenizer
 MUSE_50M = ["model.dim=512", "model.depth=12", "model.heads=8", "model.mlp_dim=2048"]
 
@@ -131,12 +152,15 @@ def main() -> None:
         results = sharding_memory_bench()
     elif sys.argv[1:] == ["galip_vs_muse"]:
         results = galip_vs_muse_bench()
+    elif sys.argv[1:] == ["diffusion"]:
+        results = diffusion_samplers_bench()
     else:
         results = {
             "torch_threads": torch.get_num_threads(),
             **muse_bench(),
             **vqgan_bench(),
             **galip_vs_muse_bench(),
+            **diffusion_samplers_bench(),
             **sharding_memory_bench(),
         }
     width = max(len(k) for k in results)

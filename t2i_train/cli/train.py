@@ -130,11 +130,17 @@ def sample_prompts_for(cfg: DictConfig, datamodule: Any) -> list[str]:
 
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     """The checkpoint to continue from: None, an explicit path, or (``auto``) the newest of the run dir's
-    ``checkpoints/last.ckpt`` and the ``hpc_ckpt_<n>.ckpt`` Lightning writes on SLURM's requeue signal."""
+    ``checkpoints/last.ckpt``, its step checkpoints and the ``hpc_ckpt_<n>.ckpt`` Lightning writes on SLURM's
+    requeue signal (a kill between writing ``step_<n>.ckpt`` and updating ``last.ckpt`` leaves the step one newest)."""
     if resume in (None, "", "none"):
         return None
     if resume == "auto":
-        candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+        checkpoints = run_dir / "checkpoints"
+        candidates = [
+            checkpoints / "last.ckpt",
+            *checkpoints.glob("step_*.ckpt"),
+            *run_dir.glob("hpc_ckpt_*.ckpt"),
+        ]
         existing = [path for path in candidates if path.exists()]  # sharded checkpoints are folders
         if existing:
             newest = max(existing, key=lambda path: path.stat().st_mtime)

@@ -28,6 +28,10 @@ def test_resume_auto_picks_the_newest_of_last_and_hpc(tmp_path: Path) -> None:
     assert resolve_resume("auto", tmp_path) == str(hpc)
     os.utime(hpc, (past - 10, past - 10))
     assert resolve_resume("auto", tmp_path) == str(last)
+    # killed after a step checkpoint was written but before last.ckpt was updated: the step one is newest
+    step = tmp_path / "checkpoints" / "step_0000010.ckpt"
+    step.write_bytes(b"x")
+    assert resolve_resume("auto", tmp_path) == str(step)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         resolve_resume(str(tmp_path / "nope.ckpt"), tmp_path)
 
