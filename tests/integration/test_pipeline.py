@@ -63,3 +63,16 @@ def test_dalle3_recipe_runs_every_stage(tmp_path: Path) -> None:
     recaptioned = out / "recaptioned" / "train"
     assert any(recaptioned.glob("*.tar")) and (recaptioned / "recaptioned.json").is_file()
     assert "| alt-text only |" in (out / "ablation.md").read_text() and "| 95% synthetic DSC |" in proc.stdout
+
+
+def test_diffusion_recipe_samples_from_descriptive_prompts(tmp_path: Path) -> None:
+    """VAE -> latents -> diffusion on the descriptive captions; samples drawn from upsampled prompts."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    args = ["t2i_train.pipeline", "--recipe=diffusion", f"--data={data}", f"--out={out}", "--count=256"]
+    stages = ["--images-per-prompt=1", "--vae", *FAST, "--diffusion", *FAST, "sampling.kwargs.steps=2"]
+    proc = run_cli(*args, *stages)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"] == "diffusion" and report["vae_psnr_db"] > 0 and report["seen"]["n"] == 48
+    line = json.loads((out / "samples_seen" / "manifest.jsonl").read_text().splitlines()[0])
+    assert len(line["upsampled_prompt"]) > 100 and "diffusion recipe: done" in proc.stdout
