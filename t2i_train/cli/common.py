@@ -107,3 +107,48 @@ def quiet_third_party() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+
+
+def parse_shard_job_args(
+    argv: list[str],
+    doc: str,
+    prog: str,
+    allowed: set[str],
+    ints: tuple[str, ...] = (),
+    floats: tuple[str, ...] = (),
+    bools: tuple[str, ...] = (),
+    zero_ok: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """``key=value`` arguments of the shard-to-shard CLIs (encode, recaption): checked, typed, one line on error.
+
+    ``checkpoint``, ``input_urls`` and ``output_dir`` are required; ``ints`` must be positive (``zero_ok`` ones may
+    be 0); ``input_urls='[a,b]'`` becomes a list.
+    """
+    if not argv or argv[0] in ("-h", "--help"):
+        print(doc)
+        sys.exit(0 if argv else 2)
+    args: dict[str, Any] = {}
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"expected key=value, got '{item}' (see `{prog} --help`)")
+        if key not in allowed:
+            fail(f"unknown argument '{key}'; arguments: {', '.join(sorted(allowed))}")
+        args[key] = value
+    for key in ("checkpoint", "input_urls", "output_dir"):
+        if key not in args:
+            fail(f"missing {key}=... (see `{prog} --help`)")
+    for key in set(ints) & set(args):
+        if not args[key].isdigit() or (int(args[key]) < 1 and key not in zero_ok):
+            fail(f"{key} must be a positive integer, got '{args[key]}'")
+        args[key] = int(args[key])
+    for key in set(floats) & set(args):
+        try:
+            args[key] = float(args[key])
+        except ValueError:
+            fail(f"{key} must be a number, got '{args[key]}'")
+    for key in set(bools) & set(args):
+        args[key] = args[key].lower() in ("1", "true", "yes")
+    if str(args["input_urls"]).startswith("["):
+        args["input_urls"] = [u.strip().strip("'\"") for u in args["input_urls"].strip("[]").split(",")]
+    return args

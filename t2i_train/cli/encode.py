@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from t2i_train.cli.common import fail, quiet_third_party, user_errors_exit
+from t2i_train.cli.common import parse_shard_job_args, quiet_third_party, user_errors_exit
 from t2i_train.errors import ConfigError
 
 log = logging.getLogger("t2i_train.encode")
@@ -44,31 +44,9 @@ ALLOWED = {"checkpoint", "input_urls", "output_dir", "resize", "device", *INT_AR
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        sys.exit(0 if argv else 2)
-    args: dict[str, Any] = {}
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep:
-            fail(f"expected key=value, got '{item}' (see `python -m t2i_train.encode --help`)")
-        if key not in ALLOWED:
-            fail(f"unknown argument '{key}'; arguments: {', '.join(sorted(ALLOWED))}")
-        args[key] = value
-    for key in ("checkpoint", "input_urls", "output_dir"):
-        if key not in args:
-            fail(f"missing {key}=... (see `python -m t2i_train.encode --help`)")
-    for key in INT_ARGS:
-        if key in args:
-            if not args[key].isdigit() or int(args[key]) < 1:
-                fail(f"{key} must be a positive integer, got '{args[key]}'")
-            args[key] = int(args[key])
-    for key in BOOL_ARGS:
-        if key in args:
-            args[key] = args[key].lower() in ("1", "true", "yes")
-    if str(args["input_urls"]).startswith("["):
-        args["input_urls"] = [u.strip().strip("'\"") for u in args["input_urls"].strip("[]").split(",")]
-    return args
+    return parse_shard_job_args(
+        argv, __doc__, "python -m t2i_train.encode", ALLOWED, ints=INT_ARGS, bools=BOOL_ARGS
+    )
 
 
 class PreEncode:
