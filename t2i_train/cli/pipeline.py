@@ -65,6 +65,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="0,0.65,0.95",
         help="dalle3: fractions of synthetic descriptive captions, one diffusion model each (default %(default)s)",
     )
+    parser.add_argument(
+        "--caption-rerank",
+        type=int,
+        default=4,
+        metavar="K",
+        help="dalle3: also score the captioner with beam K + CLIP reranking of the K beams (0: greedy only; "
+        "recaptioning is greedy either way)",
+    )
     return parser.parse_args(argv)
 
 

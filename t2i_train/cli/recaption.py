@@ -13,6 +13,7 @@ Arguments:
   json_field=NAME     also write the caption into the sample's JSON under NAME
   method=greedy       greedy | beam | top_p
   num_beams=4  top_p=0.9  temperature=1.0  max_new_tokens=N  seed=0
+  rerank=K            decode K candidates (beam or top_p) and keep the one the captioner's CLIP matches best
   image_size=N        default: the data.image_size the captioner was trained with
   batch_size=N        images per decoding call (default 64)
   limit=N             recaption only the first N shards (a quick look before the full run)
@@ -44,12 +45,21 @@ from t2i_train.cli.common import parse_shard_job_args, quiet_third_party, user_e
 from t2i_train.errors import ConfigError, DataError
 
 log = logging.getLogger("t2i_train.recaption")
-INT_ARGS = ("image_size", "batch_size", "num_beams", "max_new_tokens", "seed", "limit", "torch_threads")
+INT_ARGS = (
+    "image_size",
+    "batch_size",
+    "num_beams",
+    "max_new_tokens",
+    "seed",
+    "limit",
+    "torch_threads",
+    "rerank",
+)
 FLOAT_ARGS = ("top_p", "temperature")
 BOOL_ARGS = ("use_ema",)
 STR_ARGS = ("checkpoint", "input_urls", "output_dir", "style", "field", "json_field", "method", "device")
 ALLOWED = {*STR_ARGS, *INT_ARGS, *FLOAT_ARGS, *BOOL_ARGS}
-DECODING = ("method", "num_beams", "top_p", "temperature", "max_new_tokens")
+DECODING = ("method", "num_beams", "top_p", "temperature", "max_new_tokens", "rerank")
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
@@ -61,7 +71,7 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
         ints=INT_ARGS,
         floats=FLOAT_ARGS,
         bools=BOOL_ARGS,
-        zero_ok=("seed",),
+        zero_ok=("seed", "rerank"),
     )
 
 
@@ -161,6 +171,7 @@ def recaption(
     top_p: float = 0.9,
     temperature: float = 1.0,
     max_new_tokens: int | None = None,
+    rerank: int = 0,
     seed: int = 0,
     image_size: int | None = None,
     batch_size: int = 64,
@@ -175,11 +186,12 @@ def recaption(
     from t2i_train.cli.encode import trained_image_size
     from t2i_train.data.datamodule import resolve_urls
     from t2i_train.data.shard_map import copy_sidecars, map_shards, rank_and_world
-    from t2i_train.models.captioner import _decoding_options
+    from t2i_train.models.captioner import _decoding_options, _rerank_options
 
     shards = resolve_urls(input_urls)[:limit] if limit else resolve_urls(input_urls)
     _check_paths(shards, output_dir)
     _decoding_options(method, num_beams, top_p, temperature)  # bad options stop before the model loads
+    _rerank_options(method, num_beams, rerank)
     model, ckpt = _load_captioner(checkpoint, use_ema)
     if style not in model.style_prompts:
         raise ConfigError(f"style={style!r} is not one of this captioner's: {', '.join(model.style_prompts)}")
@@ -187,7 +199,7 @@ def recaption(
     dev = _pick_device(device)
     model = model.to(dev).eval()
     decoding = {"method": method, "num_beams": num_beams, "top_p": top_p, "temperature": temperature}
-    decoding["max_new_tokens"] = max_new_tokens
+    decoding.update(max_new_tokens=max_new_tokens, rerank=rerank)
     transform = Recaption(model, size, style, field or style, json_field, decoding, seed, dev)
     rank, _ = rank_and_world()
     log.info("recaptioning %d shards (%s, %s) into %s", len(shards), style, method, output_dir)

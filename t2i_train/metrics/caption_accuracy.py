@@ -8,7 +8,8 @@ reports per-attribute and all-three accuracy.
 
 ``python -m t2i_train.metrics.caption_accuracy checkpoint=CKPT [style=dsc] [per_combination=10]`` scores a
 captioner on its synthetic set's validation split (training combinations, unseen images) and on fresh renders
-of the held-out combinations (never in training).
+of the held-out combinations (never in training). Decoding options pass through to ``Captioner.caption``:
+``method=beam num_beams=4 rerank=4`` keeps, of the 4 best beams, the one the captioner's CLIP matches best.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def evaluate_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``key=value`` arguments: checkpoint, style, per_combination, batch_size, method, num_beams, seed."""
+    """``key=value`` arguments: checkpoint, style, per_combination, batch_size, method, num_beams, rerank, seed."""
     from t2i_train.cli.common import fail, user_errors_exit
 
     args: dict[str, Any] = {}

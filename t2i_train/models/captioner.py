@@ -391,15 +391,23 @@ class Captioner(Family):
         temperature: float = 1.0,
         max_new_tokens: int | None = None,
         seed: int = 0,
+        rerank: int = 0,
     ) -> list[str]:
         """Captions of images [B,3,H,W] in [-1, 1] in ``style``.
 
         ``method``: ``greedy``; ``beam`` (``num_beams`` beams; 1 is greedy); ``top_p`` (nucleus sampling at
         ``temperature``, drawn from ``seed``: the same images, seed and batch give the same captions).
         Decoding uses transformers' ``generate`` with the prefix as ``inputs_embeds`` and the KV cache.
+
+        ``rerank=K`` (K >= 2, with ``beam`` or ``top_p``): decode K candidates per image (the K best beams, or
+        K samples) and keep the one the frozen CLIP matches best with the image (cosine of the two embeddings;
+        the CLIP reads the first ``context_length`` tokens of each). CLIP's text tower composes words it has
+        seen in other combinations, so it can tell apart candidates the LM's prefix mapping confuses (the
+        shapes world's held-out combinations: see ``conf/experiment/shapes_captioner.yaml``).
         """
         embeds = self._prompt_embeds(images, style)
         options = _decoding_options(method, num_beams, top_p, temperature)
+        options.update(_rerank_options(method, num_beams, rerank))
         device = embeds.device
         devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -413,7 +421,16 @@ class Captioner(Family):
                 use_cache=True,
                 **options,
             )
-        return [self._decode(row) for row in ids.tolist()]
+        texts = [self._decode(row) for row in ids.tolist()]
+        return self._best_by_clip(images, texts, rerank) if rerank > 1 else texts
+
+    def _best_by_clip(self, images: torch.Tensor, texts: list[str], per_image: int) -> list[str]:
+        """For each image, the one of its ``per_image`` consecutive candidate ``texts`` CLIP scores highest
+        (the first, i.e. the LM's best, on ties)."""
+        image_emb = self.clip.encode_image(images).float()
+        text_emb = self.clip.encode_text(texts).float().view(len(images), per_image, -1)
+        best = (text_emb * image_emb[:, None]).sum(dim=-1).argmax(dim=1).tolist()
+        return [texts[i * per_image + j] for i, j in enumerate(best)]
 
     def _decode(self, ids: Sequence[int]) -> str:
         ids = list(ids)
@@ -462,6 +479,22 @@ def _check_styles(
         raise ConfigError(f"model.style_prompts {dict(prompts)} must be distinct, non-empty texts")
     total = float(sum(probs.values()))
     return {s: p / total for s, p in probs.items() if p > 0}
+
+
+def _rerank_options(method: str, num_beams: int, rerank: int) -> dict[str, Any]:
+    """``generate`` options that return ``rerank`` candidates per image (none for ``rerank`` 0 or 1)."""
+    if rerank < 0:
+        raise ConfigError(f"rerank must be >= 0 candidates, got {rerank}")
+    if rerank <= 1:
+        return {}
+    if method == "greedy":
+        raise ConfigError(
+            f"rerank={rerank} needs candidates: use method=beam (the {rerank} best beams) or method=top_p"
+        )
+    options: dict[str, Any] = {"num_return_sequences": int(rerank)}
+    if method == "beam":
+        options["num_beams"] = max(int(num_beams), int(rerank))
+    return options
 
 
 def _decoding_options(method: str, num_beams: int, top_p: float, temperature: float) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def test_dalle3_recipe_runs_every_stage(tmp_path: Path) -> None:
     """CLIP -> captioner -> recaptioned shards -> VAE -> latents -> one diffusion model per blend -> table."""
     data, out = tmp_path / "data", tmp_path / "out"
     args = ["t2i_train.pipeline", "--recipe=dalle3", f"--data={data}", f"--out={out}", "--count=256"]
-    args += ["--images-per-prompt=1", "--blends=0,0.95"]
+    args += ["--images-per-prompt=1", "--blends=0,0.95", "--caption-rerank=0"]
     stages = [
         "--clip",
         *FAST,

@@ -175,6 +175,7 @@ def test_bad_input_is_one_line(setup: dict[str, Path], tmp_path: Path) -> None:
         ({"output_dir": "SHARDS"}, "input shards' folder"),
         ({"style": "poem"}, "style='poem'"),
         ({"method": "sample"}, "method"),
+        ({"rerank": 3}, "rerank=3 needs candidates"),
     ],
 )
 def test_bad_options_are_user_errors(

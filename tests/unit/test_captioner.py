@@ -132,6 +132,43 @@ def test_beam_with_one_beam_is_greedy_and_top_p_is_seeded(scenes: dict[str, Any]
         model.caption(images, method="sample")
 
 
+def test_rerank_keeps_the_candidate_clip_matches_best(scenes: dict[str, Any], one_thread: None) -> None:
+    model = tiny().eval()
+    images = scenes["image"]
+    options = {"method": "top_p", "top_p": 0.95, "temperature": 2.0, "max_new_tokens": 12, "seed": 5}
+    # the same seed and options return the same K candidates per image, image by image
+    embeds = model._prompt_embeds(images, "dsc")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        ids = model.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            max_new_tokens=12,
+            eos_token_id=model.eos_token_id,
+            pad_token_id=model.pad_token_id,
+            do_sample=True,
+            top_p=0.95,
+            top_k=0,
+            temperature=2.0,
+            num_return_sequences=4,
+        )
+    candidates = [model._decode(row) for row in ids.tolist()]
+    grouped = [candidates[i * 4 : (i + 1) * 4] for i in range(len(images))]
+    assert any(
+        len(set(group)) > 1 for group in grouped
+    )  # sampling at temperature 2 gives distinct candidates
+    chosen = model.caption(images, rerank=4, **options)
+    for image, group, caption in zip(images, grouped, chosen, strict=True):
+        scores = model.clip.encode_text(group) @ model.clip.encode_image(image[None])[0]
+        assert caption == group[int(scores.argmax())]
+    assert model.caption(images, rerank=1, **options) == model.caption(images, **options)
+    assert len(model.caption(images, method="beam", num_beams=2, rerank=3, max_new_tokens=8)) == len(images)
+    with pytest.raises(ConfigError, match="rerank=4 needs candidates"):
+        model.caption(images, method="greedy", rerank=4)
+    with pytest.raises(ConfigError, match="rerank must be >= 0"):
+        model.caption(images, method="beam", rerank=-1)
+
+
 def test_patch_prefix_has_one_token_per_vit_token(scenes: dict[str, Any]) -> None:
     model = tiny(prefix="patches").eval()
     assert model.prefix_length == 1 + 16  # tiny CLIP: 32 px / patch 8 -> 4x4 patches + CLS
