@@ -104,6 +104,17 @@ def captioner_stage(args: argparse.Namespace, clip_ckpt: Path) -> tuple[Path, di
     return cap_ckpt, accuracy
 
 
+def audit_recaptions(recaptioned: dict[str, Path]) -> dict[str, Any]:
+    """The reader on the DSC captions the diffusion models train on, per split (all three right, and each)."""
+    from t2i_train.metrics.caption_accuracy import stored_caption_accuracy
+
+    audit = {
+        name: stored_caption_accuracy(str(folder), SYNTHETIC_KEY) for name, folder in recaptioned.items()
+    }
+    log.info("recaptioned DSC accuracy (all three): %s", {k: v["all"] for k, v in audit.items()})
+    return audit
+
+
 def recaption_splits(args: argparse.Namespace, cap_ckpt: Path) -> dict[str, Path]:
     """Recaption the train and val shards (DSC) into ``OUT/recaptioned``; returns name -> folder."""
     from t2i_train.cli.recaption import recaption
@@ -156,6 +167,7 @@ def run_ablation(args: argparse.Namespace, start: float) -> dict[str, Any]:
     clip_ckpt = out / "clip" / "checkpoints" / "last.ckpt"
     cap_ckpt, cap_accuracy = captioner_stage(args, clip_ckpt)
     recaptioned = recaption_splits(args, cap_ckpt)
+    recaption_audit = audit_recaptions(recaptioned)
     vae_ckpt = vae_and_latents(args, recaptioned)
     scorer = load_scorer(str(clip_ckpt))
     arms: dict[str, Any] = {}
@@ -180,6 +192,7 @@ def run_ablation(args: argparse.Namespace, start: float) -> dict[str, Any]:
         "vae_psnr_db": json.loads((out / "vae" / "psnr.json").read_text())["psnr_db"],
         "captioner": {k: cap_accuracy.get(k) for k in ("val", "heldout", "heldout_rerank")},
         "caption_rerank": args.caption_rerank,
+        "recaptioned_accuracy": recaption_audit,
         "arms": arms,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -209,6 +222,8 @@ def render_table(report: dict[str, Any]) -> str:
         )
     captioner = report.get("captioner") or {}
     cap, reranked = captioner.get("heldout") or {}, captioner.get("heldout_rerank")
+    audit = report.get("recaptioned_accuracy") or {}
+    audit_note = "".join(f"; recaptioned {name} shards {pct(v.get('all'))}" for name, v in audit.items())
     rerank_note = ""
     if reranked:
         k = report.get("caption_rerank")
@@ -216,7 +231,7 @@ def render_table(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"Captioner DSC on held-out images (all three right): {pct(cap.get('all'))} greedy (the decoding "
-        f"that recaptioned the shards){rerank_note}; VAE held-out PSNR {report.get('vae_psnr_db')} dB; "
+        f"that recaptioned the shards){rerank_note}{audit_note}; VAE held-out PSNR {report.get('vae_psnr_db')} dB; "
         f"{report['seconds'] / 60:.1f} min in all."
     )
     return "\n".join(lines)

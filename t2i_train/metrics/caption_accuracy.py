@@ -8,7 +8,9 @@ reports per-attribute and all-three accuracy.
 
 ``python -m t2i_train.metrics.caption_accuracy checkpoint=CKPT [style=dsc] [per_combination=10]`` scores a
 captioner on its synthetic set's validation split (training combinations, unseen images) and on fresh renders
-of the held-out combinations (never in training). Decoding options pass through to ``Captioner.caption``:
+of the held-out combinations (never in training).
+``python -m t2i_train.metrics.caption_accuracy shards=DIR [caption_key=dsc]`` audits captions already in shards
+(e.g. what ``python -m t2i_train.recaption`` wrote) against each sample's JSON. Decoding options pass through to ``Captioner.caption``:
 ``method=beam num_beams=4 rerank=4`` keeps, of the 4 best beams, the one the captioner's CLIP matches best.
 """
 
@@ -101,6 +103,34 @@ def shard_samples(urls: Sequence[str], size: int) -> tuple[Any, list[dict[str, A
     return to_batch(images), metas
 
 
+def stored_caption_accuracy(shards: str | Sequence[str], caption_key: str = "dsc") -> dict[str, Any]:
+    """Accuracy of the captions stored under ``caption_key`` (``read_caption``'s keys: ``dsc``, ``txt``,
+    ``json.descriptive``) in ``shards``, against each sample's JSON attributes; samples without the caption
+    or without attributes are counted apart."""
+    from t2i_train.data.datamodule import resolve_urls
+    from t2i_train.data.shard_map import read_raw_samples
+    from t2i_train.data.transforms import parse_meta, read_caption
+
+    captions, metas, missing, unlabelled = [], [], 0, 0
+    for url in resolve_urls(shards):
+        for raw in read_raw_samples(url):
+            meta = parse_meta(raw)
+            caption = read_caption(raw, meta, caption_key)
+            if caption is None:
+                missing += 1
+            elif not has_attributes(meta):
+                unlabelled += 1
+            else:
+                captions.append(caption)
+                metas.append(meta)
+    return {
+        "caption_key": caption_key,
+        **caption_accuracy(captions, metas),
+        "missing": missing,
+        "unlabelled": unlabelled,
+    }
+
+
 def caption_all(model: Any, images: Any, batch_size: int = 128, **decoding: Any) -> list[str]:
     """A captioner's captions of ``images`` in batches (``decoding``: ``Captioner.caption`` options)."""
     device = next(model.parameters()).device
@@ -156,8 +186,20 @@ def main(argv: list[str] | None = None) -> None:
         if not sep:
             fail(f"expected key=value, got '{item}'")
         args[key] = int(value) if value.isdigit() else value
+    if "shards" in args:
+        if set(args) - {"shards", "caption_key"}:
+            fail(f"with shards=, only caption_key= is an option (got {', '.join(sorted(args))})")
+        shards = args.pop("shards")
+        audit = user_errors_exit(stored_caption_accuracy)(shards, **args)
+        if not audit["count"]:
+            fail(
+                f"no sample of {shards} has a '{audit['caption_key']}' caption and colour/shape/position in "
+                "its JSON; pass caption_key= (dsc, txt, json.<field>) of shards made from a shapes set"
+            )
+        print(json.dumps(audit, indent=2))
+        return
     if "checkpoint" not in args:
-        fail("missing checkpoint=... (a model=captioner checkpoint)")
+        fail("missing checkpoint=... (a model=captioner checkpoint) or shards=... (captions to audit)")
     print(json.dumps(user_errors_exit(evaluate_checkpoint)(**args), indent=2))
 
 

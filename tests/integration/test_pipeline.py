@@ -60,6 +60,8 @@ def test_dalle3_recipe_runs_every_stage(tmp_path: Path) -> None:
     assert "dsc" in blended["caption_counts"] and set(blended["caption_counts"]) <= {"dsc", "json.alt_text"}
     assert blended["seen"]["n"] == 48 and blended["heldout"]["clip_score"] >= 0
     assert report["arms"]["synthetic_00"]["caption_counts"] == {"json.alt_text": 16}  # 2 steps x 8
+    train_audit = report["recaptioned_accuracy"]["train"]
+    assert train_audit["count"] + train_audit["missing"] == 256
     recaptioned = out / "recaptioned" / "train"
     assert any(recaptioned.glob("*.tar")) and (recaptioned / "recaptioned.json").is_file()
     assert "| alt-text only |" in (out / "ablation.md").read_text() and "| 95% synthetic DSC |" in proc.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,3 +58,20 @@ def test_render_scenes_gives_images_and_their_json() -> None:
     images, metas = render_scenes([("red", "circle", "top left"), ("blue", "square", "center")], 2, 16)
     assert images.shape == (4, 3, 16, 16) and float(images.min()) >= -1.0 and float(images.max()) <= 1.0
     assert [m["colour"] for m in metas] == ["red", "red", "blue", "blue"]
+
+
+def test_stored_captions_are_audited_against_their_json(tmp_path: Path) -> None:
+    from t2i_train.data.shards import write_synthetic_shards
+    from t2i_train.metrics.caption_accuracy import stored_caption_accuracy
+
+    write_synthetic_shards(tmp_path, count=40, samples_per_shard=20)
+    txt = stored_caption_accuracy(str(tmp_path), "txt")  # the generator's captions name all three
+    assert txt["all"] == 1.0 and txt["count"] == 40 and txt["missing"] == 0
+    alt = stored_caption_accuracy(str(tmp_path), "json.alt_text")  # terse alt-text never names the position
+    assert alt["position"] == 0.0 and alt["count"] + alt["missing"] == 40
+    assert stored_caption_accuracy(str(tmp_path), "dsc")["missing"] == 40
+    from t2i_train.metrics.caption_accuracy import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([f"shards={tmp_path}", "caption_key=dsc"])
+    assert stop.value.code != 0

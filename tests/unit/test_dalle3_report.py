@@ -26,12 +26,14 @@ def test_table_has_one_row_per_arm_and_both_captioner_decodings() -> None:
         "seconds": 600,
         "vae_psnr_db": 30.1,
         "caption_rerank": 4,
+        "recaptioned_accuracy": {"train": {"all": 1.0}, "val": {"all": 0.998}},
         "captioner": {"heldout": {"all": 0.875}, "heldout_rerank": {"all": 0.9375}},
         "arms": {"synthetic_00": _arm(0.0, 0.125), "synthetic_95": _arm(0.95, 0.5)},
     }
     table = render_table(report)
     assert "| alt-text only | 12.5% (100.0% / 50.0% / 25.0%) | 12.5% | 30.00 / 31.50 |" in table
     assert "| 95% synthetic DSC | 50.0%" in table
+    assert "recaptioned train shards 100.0%; recaptioned val shards 99.8%" in table
     assert "87.5% greedy" in table and "93.8% with beam 4 + CLIP reranking of the 4 beams" in table
     report["captioner"] = {"heldout": {"all": 0.875}, "heldout_rerank": None}
     assert "reranking" not in render_table(report) and "10.0 min in all" in render_table(report)
