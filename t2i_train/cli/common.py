@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -107,6 +108,14 @@ def quiet_third_party() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+
+
+def run_shard_job(job: Callable[..., dict[str, Any]], args: dict[str, Any]) -> None:
+    """The shard-to-shard CLIs' ``main``: INFO logging, quiet libraries, ``job(**args)`` with user errors as
+    one line, and its summary printed as JSON."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    quiet_third_party()
+    print(json.dumps(user_errors_exit(job)(**args), indent=2))
 
 
 def parse_shard_job_args(

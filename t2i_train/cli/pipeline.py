@@ -126,17 +126,9 @@ def descriptive_prompts(prompts: list[str]) -> list[str]:
 
 def muse_recipe(args: argparse.Namespace) -> Path:
     """VQGAN -> held-out PSNR -> pre-encoded tokens -> Muse on the tokens; returns Muse's checkpoint."""
-    from t2i_train.cli.encode import encode
-    from t2i_train.cli.evaluate import reconstruction
-
     data, out = args.data, args.out
-    vq_dir = out / "vqgan"
-    train_stage(vq_dir, ["experiment=shapes_vqgan", f"data.train_urls={data}", *args.vqgan])
-    vq_ckpt = vq_dir / "checkpoints" / "last.ckpt"
-    psnr = reconstruction(str(vq_ckpt), str(data / "val"), output=str(vq_dir / "psnr.json"))
-    log.info("VQGAN held-out PSNR %.2f dB", psnr["psnr_db"])
-    for split in (".", "val"):
-        encode(str(vq_ckpt), str(data / split), str(out / "tokens" / split))
+    splits = {".": data, "val": data / "val"}
+    vq_ckpt = autoencoder_and_codes(args, "vqgan", "shapes_vqgan", args.vqgan, splits, out / "tokens")
     muse = [
         "experiment=shapes_muse",
         f"data.train_urls={out / 'tokens'}",
@@ -161,21 +153,33 @@ def galip_recipe(args: argparse.Namespace) -> Path:
     return out / "galip" / "checkpoints" / "last.ckpt"
 
 
-def vae_and_latents(args: argparse.Namespace, splits: dict[str, Path]) -> Path:
-    """Train the shapes VAE, record its held-out PSNR, pre-encode ``splits`` (name -> shard folder) into
-    ``OUT/latents/<name>``; returns the VAE checkpoint."""
+def autoencoder_and_codes(
+    args: argparse.Namespace,
+    stage: str,
+    experiment: str,
+    overrides: list[str],
+    splits: dict[str, Path],
+    codes: Path,
+) -> Path:
+    """Train a stage-1 autoencoder into ``OUT/<stage>``, record its held-out PSNR (``psnr.json``), pre-encode
+    ``splits`` (name -> shard folder) into ``codes/<name>``; returns its checkpoint."""
     from t2i_train.cli.encode import encode
     from t2i_train.cli.evaluate import reconstruction
 
-    data, out = args.data, args.out
-    vae_dir = out / "vae"
-    train_stage(vae_dir, ["experiment=shapes_vae", f"data.train_urls={data}", *args.vae])
-    vae_ckpt = vae_dir / "checkpoints" / "last.ckpt"
-    psnr = reconstruction(str(vae_ckpt), str(data / "val"), output=str(vae_dir / "psnr.json"))
-    log.info("VAE held-out PSNR %.2f dB", psnr["psnr_db"])
+    stage_dir = args.out / stage
+    train_stage(stage_dir, [f"experiment={experiment}", f"data.train_urls={args.data}", *overrides])
+    ckpt = stage_dir / "checkpoints" / "last.ckpt"
+    psnr = reconstruction(str(ckpt), str(args.data / "val"), output=str(stage_dir / "psnr.json"))
+    log.info("%s held-out PSNR %.2f dB", stage.upper(), psnr["psnr_db"])
     for name, folder in splits.items():
-        encode(str(vae_ckpt), str(folder), str(out / "latents" / name))
-    return vae_ckpt
+        encode(str(ckpt), str(folder), str(codes / name))
+    return ckpt
+
+
+def vae_and_latents(args: argparse.Namespace, splits: dict[str, Path]) -> Path:
+    """Train the shapes VAE, record its held-out PSNR, pre-encode ``splits`` (name -> shard folder) into
+    ``OUT/latents/<name>``; returns the VAE checkpoint."""
+    return autoencoder_and_codes(args, "vae", "shapes_vae", args.vae, splits, args.out / "latents")
 
 
 def latent_data(latents: Path, vae_ckpt: Path) -> list[str]:

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from t2i_train.cli.common import parse_shard_job_args, quiet_third_party, user_errors_exit
+from t2i_train.cli.common import parse_shard_job_args, run_shard_job
 from t2i_train.errors import ConfigError, DataError
 
 log = logging.getLogger("t2i_train.recaption")
@@ -225,16 +225,8 @@ def recaption(
     }
 
 
-@user_errors_exit
-def run(args: dict[str, Any]) -> dict[str, Any]:
-    return recaption(**args)
-
-
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
-    quiet_third_party()
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    print(json.dumps(run(args), indent=2))
+    run_shard_job(recaption, parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
