@@ -6,7 +6,7 @@ A training checkpoint is Lightning's ``.ckpt`` with two additions written by the
 
 An export (``python -m t2i_train.export``) is a folder: ``model.safetensors`` (the consolidated weights, EMA
 when the run had it), ``config.yaml`` (the resolved config) and ``export.json``. Everything that reads a
-checkpoint accepts either form.
+checkpoint accepts either form. Nothing here runs code stored in a checkpoint (see ``t2i_train.checkpoint_io``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
+from t2i_train.checkpoint_io import check_distributed_metadata, load_torch_file, restricted_third_party_loads
 from t2i_train.errors import CheckpointError
 from t2i_train.models.base import Family
 from t2i_train.weights import no_weight_loading
@@ -43,11 +44,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (pass the path of a .ckpt written by training)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-    if "t2i_config" not in ckpt or "state_dict" not in ckpt:
+    ckpt = load_torch_file(path)
+    if not isinstance(ckpt, dict) or "t2i_config" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a t2i_train checkpoint (no t2i_config/state_dict inside)")
     return ckpt
 
@@ -178,15 +176,19 @@ def read_distributed_checkpoint(folder: Path) -> dict[str, Any]:
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    check_distributed_metadata(folder)
     meta_path = folder / LIGHTNING_META
-    meta = torch.load(meta_path, map_location="cpu", weights_only=False) if meta_path.is_file() else {}
+    meta = load_torch_file(meta_path) if meta_path.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         full_path = Path(tmp) / "full.pt"
         try:
-            dcp_to_torch_save(str(folder), str(full_path))
+            with restricted_third_party_loads():
+                dcp_to_torch_save(str(folder), str(full_path))
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise CheckpointError(f"cannot read distributed checkpoint {folder}: {exc}") from exc
-        full = torch.load(full_path, map_location="cpu", weights_only=False)
+        full = load_torch_file(full_path)
     checkpoint = {**meta, **full}
     if "t2i_config" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"{folder} is not a t2i_train checkpoint (no t2i_config/state_dict inside)")
@@ -202,10 +204,13 @@ def read_deepspeed_checkpoint(folder: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "full.ckpt"
         try:
-            convert_zero_checkpoint_to_fp32_state_dict(str(folder), str(out))
+            with restricted_third_party_loads():
+                convert_zero_checkpoint_to_fp32_state_dict(str(folder), str(out))
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise CheckpointError(f"cannot read DeepSpeed checkpoint {folder}: {exc}") from exc
-        checkpoint = torch.load(out, map_location="cpu", weights_only=False)
+        checkpoint = load_torch_file(out)
     if "t2i_config" not in checkpoint:
         raise CheckpointError(f"{folder} is not a t2i_train checkpoint (no t2i_config inside)")
     return checkpoint

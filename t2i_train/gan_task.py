@@ -57,8 +57,12 @@ class GANTask(T2ITask):
         discriminator_optimizer: OptimizerFactory | None = None,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
+        max_nonfinite_steps: int = 5,
+        check_grads_finite: bool = True,
     ) -> None:
-        super().__init__(model, loss, optimizer, scheduler, ema_decay, ema_start_step)
+        super().__init__(
+            model, loss, optimizer, scheduler, ema_decay, ema_start_step, max_nonfinite_steps, check_grads_finite
+        )
         for method in ("generator_terms", "discriminator_terms"):
             if not callable(getattr(loss, method, None)):
                 raise TypeError(f"{type(loss).__name__} has no {method}(); GANTask needs a GAN loss")
@@ -92,6 +96,7 @@ class GANTask(T2ITask):
     def _update(self, opt: LightningOptimizer, terms: dict[str, torch.Tensor], index: int) -> None:
         """Back-propagate ``terms['loss']`` into ``opt``'s parameters and step it (and its scheduler)."""
         opt.zero_grad()
+        self.guard.note_loss(terms["loss"])  # a non-finite loss skips this batch's updates (T2ITask.guard)
         self.manual_backward(terms["loss"])
         if index == 0:
             opt.step()  # counted: global_step = generator updates

@@ -6,6 +6,7 @@ task (see ``t2i_train.gan_task``) instead of adding special cases here.
 
 from __future__ import annotations
 
+import logging
 import random
 import zlib
 from collections.abc import Callable, Iterable
@@ -16,9 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from t2i_train.errors import CheckpointError, ConfigError, TrainingDiverged
 from t2i_train.losses.base import Loss
 from t2i_train.models.base import Family
 
+log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
@@ -96,6 +99,86 @@ def _like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return full.to(reference.device, reference.dtype).clone()
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    finite = [torch.isfinite(_local(t)).all() for t in tensors if t is not None and t.is_floating_point()]
+    return bool(torch.stack(finite).all()) if finite else True
+
+
+class NonFiniteGuard:
+    """Keeps NaN/Inf out of the weights: a step whose loss or gradients are not finite is skipped (on every
+    rank: the decision is all-reduced), ``max_consecutive`` such steps in a row stop the run with
+    :class:`TrainingDiverged`, and a checkpoint whose weights are not finite is never written.
+
+    Gradients are checked after they are all-reduced and un-scaled (``on_before_optimizer_step``); under fp16
+    mixed precision the GradScaler already skips overflowing steps, so only the loss is checked there.
+    """
+
+    def __init__(self, max_consecutive: int = 5, check_grads: bool = True) -> None:
+        self.max_consecutive, self.check_grads = max_consecutive, check_grads
+        self.consecutive = 0
+        self.skipped_total = 0
+        self._loss_finite = True
+        self._loss_value = 0.0
+        self._skipped_batch = False
+
+    def start_batch(self) -> None:
+        self._loss_finite, self._skipped_batch = True, False
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._loss_finite, self._loss_value = False, float(loss.detach().float().reshape(-1)[0])
+
+    def update_is_finite(self, params: list[torch.Tensor], trainer: Any) -> bool:
+        finite = self._loss_finite
+        scaler_checks = "16" in str(getattr(trainer, "precision", "")) and "bf16" not in str(
+            trainer.precision
+        )
+        if finite and self.check_grads and not scaler_checks:
+            finite = _all_finite(p.grad for p in params)
+        if trainer.world_size > 1:
+            finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
+        if not finite:
+            self._skipped_batch = True
+        return finite
+
+    def end_batch(self, step: int, rank: int) -> None:
+        if not self._skipped_batch:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.skipped_total += 1
+        what = f"loss {self._loss_value}" if not self._loss_finite else "a gradient is NaN/Inf"
+        if rank == 0:
+            log.warning(
+                "step %d: %s; update skipped (%d in a row, nonfinite.max_consecutive=%d)",
+                step, what, self.consecutive, self.max_consecutive,
+            )  # fmt: skip
+        if self.consecutive > self.max_consecutive:
+            raise TrainingDiverged(
+                f"training diverged: non-finite loss or gradients for {self.consecutive} steps in a row, up to "
+                f"step {step} (last: {what}); no update was applied and no checkpoint holds NaN weights; lower "
+                "optimizer.lr, enable gradient clipping (trainer.gradient_clip_val), or resume from an earlier "
+                "checkpoint"
+            )
+
+    def check_weights(self, state: dict[str, torch.Tensor], trainer: Any, step: int) -> None:
+        """Raise rather than let a checkpoint with NaN/Inf weights be written (or replace a good one)."""
+        finite = _all_finite(state.values())
+        if trainer is not None and trainer.world_size > 1:
+            finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
+        if not finite:
+            bad = next((k for k, v in state.items() if v.is_floating_point() and not _all_finite([v])), "?")
+            raise CheckpointError(
+                f"not writing a checkpoint at step {step}: weights are NaN/Inf (e.g. {bad}); the earlier "
+                "checkpoints are kept; lower optimizer.lr or set nonfinite.check_grads=true"
+            )
+
+
 class T2ITask(L.LightningModule):
     """Trains any single-optimizer family with any loss it accepts."""
 
@@ -107,9 +190,13 @@ class T2ITask(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         ema_decay: float | None = None,
         ema_start_step: int = 0,
+        max_nonfinite_steps: int = 5,
+        check_grads_finite: bool = True,
     ) -> None:
         super().__init__()
         model.check_loss(loss)
+        if max_nonfinite_steps < 0:
+            raise ConfigError(f"nonfinite.max_consecutive must be >= 0, got {max_nonfinite_steps}")
         self.model = model
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -120,12 +207,17 @@ class T2ITask(L.LightningModule):
         #: base of the per-step seeds (the run's ``seed``; the CLI sets it); None leaves the RNGs alone.
         self.step_seed: int | None = None
         self.skipped_samples = 0
+        #: damaged shards the data workers reported (``bad_shards`` of each batch), in order
+        self.bad_shards: list[str] = []
+        self.samples_trained = 0
+        self.guard = NonFiniteGuard(max_nonfinite_steps, check_grads_finite)
         #: training samples per caption key (``data.caption_keys`` blending), logged as data/caption_<key>
         self.caption_counts: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self.loss(self.model(batch))
+        self.guard.note_loss(terms["loss"])
         self.log_terms(terms, "train", batch_size=len(batch["caption"]))
         self.log_data_stats(batch)
         return terms["loss"]
@@ -150,6 +242,9 @@ class T2ITask(L.LightningModule):
                 )
 
     def log_data_stats(self, batch: dict[str, Any]) -> None:
+        self.samples_trained += len(batch.get("caption") or [])
+        for shard in batch.get("bad_shards") or []:
+            self.bad_shards.append(str(shard))
         skipped = batch.get("skipped")
         if skipped is not None:
             self.skipped_samples += int(torch.as_tensor(skipped).sum())
@@ -162,7 +257,19 @@ class T2ITask(L.LightningModule):
             for key, count in self.caption_counts.items():
                 self.log(f"data/caption_{key}", count / total, on_step=True)
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip this update (every rank alike) when the loss or a gradient is NaN/Inf: drop the gradients, so
+        the optimizer leaves the weights and its state untouched."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not self.guard.update_is_finite(params, self.trainer):
+            for param in params:
+                param.grad = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.guard.end_batch(self.global_step, self.global_rank)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.guard.start_batch()
         if self.step_seed is not None:
             seed_step(self.step_seed, self.batches_seen(), self.global_rank)
 
@@ -223,7 +330,10 @@ class T2ITask(L.LightningModule):
             checkpoint["t2i_config"] = self.run_config
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state()
+        self.guard.check_weights(checkpoint.get("state_dict", {}), self.trainer, self.global_step)
         checkpoint["t2i_skipped_samples"] = self.skipped_samples
+        checkpoint["t2i_bad_shards"] = list(self.bad_shards)
+        checkpoint["t2i_samples_trained"] = self.samples_trained
         checkpoint["t2i_caption_counts"] = dict(self.caption_counts)
         self._leave_out_external_weights(checkpoint)
 
@@ -231,6 +341,8 @@ class T2ITask(L.LightningModule):
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load(checkpoint["ema"])
         self.skipped_samples = int(checkpoint.get("t2i_skipped_samples", 0))
+        self.bad_shards = [str(s) for s in checkpoint.get("t2i_bad_shards", [])]
+        self.samples_trained = int(checkpoint.get("t2i_samples_trained", 0))
         self.caption_counts = dict(checkpoint.get("t2i_caption_counts", {}))
         self._restore_external_weights(checkpoint)
 

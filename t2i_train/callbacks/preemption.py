@@ -3,12 +3,18 @@
 - SIGTERM (SLURM preemption, `scancel`, `scontrol requeue`, Kubernetes): Lightning finishes the current
   step and raises ``SIGTERMException`` on every rank; this callback then writes ``last.ckpt``.
 - SIGUSR1 outside SLURM's auto-requeue (a scheduler's "time is nearly up" warning): the run stops after
-  the current step, writes ``last.ckpt`` and exits normally. Under SLURM with auto-requeue, Lightning owns
+  the current step and writes ``last.ckpt``. Under SLURM with auto-requeue, Lightning owns
   SIGUSR1 (it writes ``hpc_ckpt_<n>.ckpt`` into the run dir and requeues the job); `resume=auto` picks
   whichever of that and ``last.ckpt`` is newer.
 
-Checkpoint files are written atomically by Lightning (serialised in memory, then written through an fsspec
-transaction that renames a temporary file), so a kill during the save leaves the previous file intact.
+Either way the command then exits with ``EXIT_STOPPED`` (75, see ``t2i_train.errors``), not 0: the run is not
+finished, and ``resume=auto`` continues it at the same step.
+
+DataLoader workers ignore SIGTERM (the data module's ``worker_init_fn``): SLURM signals the whole process group,
+and a worker that died first would crash the main process before it could save.
+
+Checkpoint files are written atomically (``t2i_train.checkpoint_io.AtomicCheckpointIO``: a temporary file in the
+same folder, fsync, rename), so a kill during the save leaves the previous file intact.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class SaveOnSignal(L.Callback):
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self.requested = False
+        #: the signal that stopped the run ("SIGTERM" / "SIGUSR1"), None while it runs
+        self.stopped_by: str | None = None
         self._previous: Any = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -67,6 +75,7 @@ class SaveOnSignal(L.Callback):
             self._save(trainer, "SIGTERM")
 
     def _save(self, trainer: L.Trainer, why: str) -> None:
+        self.stopped_by = why
         trainer.save_checkpoint(self.path)
         if trainer.is_global_zero:
             log.info(

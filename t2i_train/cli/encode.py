@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from t2i_train.checkpoint_io import apply_trust_argument
 from t2i_train.cli.common import parse_shard_job_args, run_shard_job
 from t2i_train.errors import ConfigError
 
@@ -158,7 +159,7 @@ def encode(
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_shard_job(encode, parse_args(sys.argv[1:] if argv is None else argv))
+    run_shard_job(encode, parse_args(apply_trust_argument(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

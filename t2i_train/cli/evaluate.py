@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from t2i_train.checkpoint_io import apply_trust_argument
 from t2i_train.cli.common import fail, user_errors_exit
 from t2i_train.errors import ConfigError
 
@@ -108,7 +109,7 @@ def run(metric: str, args: dict[str, str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    metric, args = parse_args(sys.argv[1:] if argv is None else argv)
+    metric, args = parse_args(apply_trust_argument(sys.argv[1:] if argv is None else argv))
     try:
         print(json.dumps(run(metric, args), indent=2))
     except TypeError as exc:

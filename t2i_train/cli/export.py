@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from t2i_train.checkpoint_io import apply_trust_argument
 from t2i_train.cli.common import fail, user_errors_exit
 from t2i_train.errors import CheckpointError
 
@@ -91,7 +92,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    print(json.dumps(run(parse_args(sys.argv[1:] if argv is None else argv)), indent=2))
+    print(json.dumps(run(parse_args(apply_trust_argument(sys.argv[1:] if argv is None else argv))), indent=2))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from t2i_train.checkpoint_io import apply_trust_argument
 from t2i_train.cli.common import CONF_DIR, quiet_third_party, user_errors_exit
 
 log = logging.getLogger("t2i_train.pipeline")
@@ -236,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     quiet_third_party()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
-    run(parse_args(argv))
+    run(parse_args(apply_trust_argument(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from t2i_train.checkpoint_io import apply_trust_argument
 from t2i_train.cli.common import parse_shard_job_args, run_shard_job
 from t2i_train.errors import ConfigError, DataError
 
@@ -226,7 +227,7 @@ def recaption(
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_shard_job(recaption, parse_args(sys.argv[1:] if argv is None else argv))
+    run_shard_job(recaption, parse_args(apply_trust_argument(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,19 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from t2i_train.callbacks.preemption import SaveOnSignal
 from t2i_train.checkpoint import absolute_stage1_paths
+from t2i_train.checkpoint_io import (
+    AtomicCheckpointIO,
+    apply_trust_argument,
+    checkpoint_problem,
+    checkpoints_trusted,
+    remove_orphaned_temp_files,
+)
 from t2i_train.cli.common import (
     CONF_DIR,
     allow_new_keys,
@@ -22,8 +32,17 @@ from t2i_train.cli.common import (
     quiet_third_party,
     user_errors_exit,
 )
-from t2i_train.errors import CheckpointError, ConfigError
+from t2i_train.errors import EXIT_STOPPED, CheckpointError, ConfigError
 from t2i_train.models.base import Family
+from t2i_train.run_state import (
+    data_summary,
+    gather_data_counts,
+    is_lost_peer_error,
+    lost_rank_error,
+    newest_readable_checkpoint,
+    resume_command,
+    write_data_report,
+)
 
 
 def build_task(cfg: DictConfig, model: Family | None = None) -> L.LightningModule:
@@ -38,6 +57,8 @@ def build_task(cfg: DictConfig, model: Family | None = None) -> L.LightningModul
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
         ema_decay=cfg.get("ema_decay"),
+        max_nonfinite_steps=int(cfg.get("nonfinite", {}).get("max_consecutive", 5)),
+        check_grads_finite=bool(cfg.get("nonfinite", {}).get("check_grads", True)),
         **instantiate(cfg.get("task") or {}, _convert_="all"),
     )
     # stage-1 paths made absolute: checkpoints leave those weights out and name where to read them again
@@ -129,21 +150,14 @@ def sample_prompts_for(cfg: DictConfig, datamodule: Any) -> list[str]:
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
-    """The checkpoint to continue from: None, an explicit path, or (``auto``) the newest of the run dir's
-    ``checkpoints/last.ckpt``, its step checkpoints and the ``hpc_ckpt_<n>.ckpt`` Lightning writes on SLURM's
-    requeue signal (a kill between writing ``step_<n>.ckpt`` and updating ``last.ckpt`` leaves the step one newest)."""
+    """The checkpoint to continue from: None, an explicit path, or (``auto``) the newest *readable* of the run
+    dir's ``checkpoints/last.ckpt``, its step checkpoints and the ``hpc_ckpt_<n>.ckpt`` Lightning writes on
+    SLURM's requeue signal (see ``t2i_train.run_state.newest_readable_checkpoint``)."""
     if resume in (None, "", "none"):
         return None
     if resume == "auto":
-        checkpoints = run_dir / "checkpoints"
-        candidates = [
-            checkpoints / "last.ckpt",
-            *checkpoints.glob("step_*.ckpt"),
-            *run_dir.glob("hpc_ckpt_*.ckpt"),
-        ]
-        existing = [path for path in candidates if path.exists()]  # sharded checkpoints are folders
-        if existing:
-            newest = max(existing, key=lambda path: path.stat().st_mtime)
+        newest = newest_readable_checkpoint(run_dir)
+        if newest is not None:
             log.info("resuming from %s", newest)
             return str(newest)
         log.info("resume=auto: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
@@ -151,6 +165,9 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     path = Path(resume).expanduser()
     if not path.exists():
         raise CheckpointError(f"resume={resume}: no such checkpoint file (use resume=auto or a .ckpt path)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(problem if problem.startswith("refusing") else f"resume={resume}: {problem}")
     return str(path)
 
 
@@ -160,43 +177,107 @@ def last_checkpoint_is_current(trainer: L.Trainer, last: Path) -> bool:
     return last.exists() and saved == trainer.global_step
 
 
+def planned_world_size(cfg: DictConfig) -> int | None:
+    """Processes the run will have (``trainer.devices`` x ``trainer.num_nodes``), when the config says."""
+    devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+    if isinstance(devices, int) and isinstance(nodes, int):
+        return devices * nodes
+    if isinstance(devices, (list, tuple)) and isinstance(nodes, int):
+        return len(devices) * nodes
+    return None
+
+
+def check_before_spawn(cfg: DictConfig, datamodule: Any) -> None:
+    """Errors that would otherwise be raised once per rank after Lightning starts the processes."""
+    world = planned_world_size(cfg)
+    if world and world > 1 and hasattr(datamodule, "check_world_size"):
+        datamodule.check_world_size(world)
+
+
+def build_trainer(cfg: DictConfig, task: L.LightningModule, datamodule: Any) -> L.Trainer:
+    trainer_overrides: dict[str, Any] = {}
+    if not task.automatic_optimization:  # Lightning refuses Trainer-level clipping under manual optimization
+        task.gradient_clip_val = cfg.trainer.get("gradient_clip_val")
+        trainer_overrides["gradient_clip_val"] = None
+    strategy = build_strategy(cfg, task.model)
+    if isinstance(strategy, str) or type(strategy).__name__ in ("DDPStrategy", "FSDPStrategy"):
+        trainer_overrides["plugins"] = [AtomicCheckpointIO()]  # ModelParallel / DeepSpeed write folders
+    return instantiate(
+        cfg.trainer,
+        **trainer_overrides,
+        strategy=strategy,
+        callbacks=build_callbacks(cfg, sample_prompts_for(cfg, datamodule)),
+        logger=build_loggers(cfg),
+        _convert_="all",
+    )
+
+
+def stopped_by_signal(trainer: L.Trainer) -> str | None:
+    """``SIGTERM``/``SIGUSR1`` when the run stopped early on such a signal (and saved), else None."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, SaveOnSignal) and callback.stopped_by:
+            return callback.stopped_by
+    return None
+
+
+def fit(
+    trainer: L.Trainer, task: L.LightningModule, datamodule: Any, ckpt_path: str | None, run_dir: Path
+) -> None:
+    """``trainer.fit`` with a lost peer process turned into one line (``run_state.lost_rank_error``)."""
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not checkpoints_trusted())
+    except SIGTERMException:
+        return  # SaveOnSignal wrote last.ckpt; train() reports and exits with EXIT_STOPPED
+    except Exception as exc:
+        if trainer.world_size > 1 and is_lost_peer_error(exc):
+            raise lost_rank_error(exc, trainer, run_dir) from exc
+        raise
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Build everything from ``cfg`` and fit; returns where the results are."""
+    """Build everything from ``cfg`` and fit; returns where the results are.
+
+    Raises ``SystemExit(EXIT_STOPPED)`` after saving when a stop signal ended the run early.
+    """
     quiet_third_party()
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     run_dir = Path(cfg.run_dir)
+    if rank_zero_only.rank == 0:
+        remove_orphaned_temp_files(run_dir / "checkpoints")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     task = build_task(cfg)
     if hasattr(datamodule, "prepare_data"):
         datamodule.prepare_data()
-    trainer_overrides = {}
-    if not task.automatic_optimization:  # Lightning refuses Trainer-level clipping under manual optimization
-        task.gradient_clip_val = cfg.trainer.get("gradient_clip_val")
-        trainer_overrides["gradient_clip_val"] = None
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        **trainer_overrides,
-        strategy=build_strategy(cfg, task.model),
-        callbacks=build_callbacks(cfg, sample_prompts_for(cfg, datamodule)),
-        logger=build_loggers(cfg),
-        _convert_="all",
-    )
+    check_before_spawn(cfg, datamodule)
     ckpt_path = resolve_resume(cfg.get("resume"), run_dir)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer = build_trainer(cfg, task, datamodule)
+    fit(trainer, task, datamodule, ckpt_path, run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
-    if not last_checkpoint_is_current(trainer, last):
+    stopped = stopped_by_signal(trainer)
+    if not stopped and not last_checkpoint_is_current(trainer, last):
         trainer.save_checkpoint(last)  # every rank calls it: a collective under sharded strategies
+    report = gather_data_counts(task, trainer)
     result = {"run_dir": str(run_dir), "last_checkpoint": str(last), "global_step": trainer.global_step}
     result["caption_counts"] = dict(task.caption_counts)  # training samples per caption key (blending)
+    result["data"] = report
     if len(task.caption_counts) > 1:
         log.info("captions used per key: %s", task.caption_counts)
+    if trainer.is_global_zero:
+        write_data_report(report, run_dir, trainer.global_step)
+    if stopped:
+        if trainer.is_global_zero:
+            log.info(
+                "stopped by %s at step %d (%s); checkpoint: %s; continue with: %s",
+                stopped, trainer.global_step, data_summary(report), last, resume_command(run_dir),
+            )  # fmt: skip
+        raise SystemExit(EXIT_STOPPED)
     metric = cfg.get("optimized_metric")
     if metric:
         result["optimized_metric"] = read_metric(trainer, metric)
     if trainer.is_global_zero:
-        log.info("finished at step %d; checkpoint: %s", trainer.global_step, last)
+        log.info("finished at step %d; %s; checkpoint: %s", trainer.global_step, data_summary(report), last)
     return result
 
 
@@ -221,6 +302,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     # the submitit launcher configs keep the plugin's schema names; Hydra 1.3 warns about that on every run
     warnings.filterwarnings("ignore", message=".*validated against ConfigStore schema")
+    sys.argv[1:] = apply_trust_argument(sys.argv[1:])  # trust_checkpoint=true (see t2i_train.checkpoint_io)
     check_group_choices(sys.argv[1:])
     sys.argv[1:] = allow_new_keys(sys.argv[1:], ("sampling.kwargs.", "task."))
     _hydra_main()

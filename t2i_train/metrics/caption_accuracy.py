@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from t2i_train.checkpoint_io import apply_trust_argument
 from t2i_train.data.synthetic import COLOURS, POSITION_NAMES, SHAPES
 
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "position")
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     from t2i_train.cli.common import fail, user_errors_exit
 
     args: dict[str, Any] = {}
-    for item in sys.argv[1:] if argv is None else argv:
+    for item in apply_trust_argument(sys.argv[1:] if argv is None else argv):
         key, sep, value = item.partition("=")
         if not sep:
             fail(f"expected key=value, got '{item}'")
