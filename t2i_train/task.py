@@ -126,6 +126,11 @@ class NonFiniteGuard:
         self._loss_value = 0.0
         self._skipped_batch = False
 
+    @property
+    def skipping(self) -> bool:
+        """Whether this batch's update was skipped (valid from the optimizer step to the batch's end)."""
+        return self._skipped_batch
+
     def start_batch(self) -> None:
         self._loss_finite, self._skipped_batch = True, False
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import functools
+import inspect
 import json
 import logging
 import os
+import re
+import shutil
 import sys
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-from t2i_train.errors import T2IError
+from t2i_train.errors import EXIT_USER_ERROR, ConfigError, T2IError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = (
@@ -31,7 +38,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("t2i_train")
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
     """Print one line on stderr and exit with ``code``."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
@@ -85,20 +92,72 @@ def _group_options(group_dir: Path) -> set[str]:
 
 
 def user_errors_exit(fn: F) -> F:
-    """Turn T2IError (and the data errors workers re-raise) into one line and exit code 2."""
+    """Turn user-fixable errors (see ``find_user_error``), however deeply wrapped, into one line and exit 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except T2IError as exc:
-            fail(user_message(exc))
         except Exception as exc:
-            if "t2i_train.errors." in str(exc):  # a T2IError re-raised by a DataLoader worker
-                fail(user_message(exc))
-            raise
+            found = find_user_error(exc)
+            if found is None:
+                raise
+            report_user_error(found, exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """T2IError or Lightning's MisconfigurationException (a bad Trainer argument)."""
+    if isinstance(exc, T2IError):
+        return True
+    return any(
+        cls.__name__ == "MisconfigurationException" and cls.__module__.startswith("lightning")
+        for cls in type(exc).__mro__
+    )
+
+
+def find_user_error(exc: BaseException) -> BaseException | None:
+    """The user-fixable error in ``exc``'s ``__cause__``/``__context__`` chain, unwrapping what wraps it (Hydra's
+    InstantiationException, ...); where a user error wraps another, the outer one (the deliberate message).
+    Failing that, an error whose text holds a T2IError a DataLoader worker could not re-raise as itself."""
+    chain = exception_chain(exc)
+    found = next((e for e in chain if is_user_error(e)), None)
+    return found or next((e for e in chain if "t2i_train.errors." in str(e)), None)
+
+
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, then what caused it (``__cause__``, else ``__context__``), and so on inwards."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not e for e in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def process_rank() -> int:
+    """This process's global rank from the launcher's environment (RANK, LOCAL_RANK, SLURM_PROCID; else 0)."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def report_user_error(exc: BaseException, raised: BaseException | None = None) -> NoReturn:
+    """Exit 2 with ``exc`` as one line; an error every rank raises at once (``collective``) prints on rank 0 only.
+
+    ``raised`` (what wrapped ``exc``) names the config node for messages that do not name it themselves
+    (Lightning's: "trainer: `max_steps` must be ...").
+    """
+    if getattr(exc, "collective", False) and process_rank() != 0:
+        sys.exit(EXIT_USER_ERROR)
+    message = user_message(exc)
+    node = re.search(r"full_key: (\S+)", str(raised)) if raised is not None and raised is not exc else None
+    if node and not isinstance(exc, T2IError) and f"{node.group(1)}." not in message:
+        message = f"{node.group(1)}: {message}"
+    fail(message)
 
 
 def quiet_third_party() -> None:
@@ -161,3 +220,354 @@ def parse_shard_job_args(
     if str(args["input_urls"]).startswith("["):
         args["input_urls"] = [u.strip().strip("'\"") for u in args["input_urls"].strip("[]").split(",")]
     return args
+
+
+# ----- overrides: compose once up front, so a typo is one line that names the closest valid keys
+
+
+def check_overrides(argv: list[str], config_name: str = "train", conf_dir: Path = CONF_DIR) -> Any:
+    """Compose ``config_name`` with ``argv`` (as Hydra will) and check its value types (``check_config_types``),
+    failing with one line, before Hydra writes anything; returns the composed config (with its ``hydra`` node),
+    or None when ``argv`` holds a flag (--multirun, --help, --cfg, ...) and Hydra's own handling is left alone."""
+    if any(arg.startswith("-") for arg in argv):
+        return None
+    import hydra
+
+    with hydra.initialize_config_dir(str(conf_dir), version_base="1.3"):
+        try:
+            cfg = hydra.compose(config_name, argv, return_hydra_config=True)
+        except Exception as exc:
+            fail(composition_message(exc, argv))
+    try:
+        check_config_types(cfg)
+    except ConfigError as exc:
+        fail(str(exc))
+    return cfg
+
+
+def composition_message(exc: BaseException, argv: list[str]) -> str:
+    """One line for a failed composition: an unknown key with its closest valid keys, else Hydra's condensed."""
+    unknown = _unknown_key(exc)
+    if unknown is not None:
+        full_key, parent = unknown
+        override = next((a.split("=", 1)[0].lstrip("+~") for a in argv if _names(a, full_key)), full_key)
+        return unknown_key_message(full_key, list(parent), override)
+    from hydra.errors import HydraException
+
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return (
+        text
+        if isinstance(exc, HydraException)
+        else f"cannot compose the config: {type(exc).__name__}: {text}"
+    )
+
+
+def unknown_key_message(full_key: str, siblings: list[str], override: str | None = None) -> str:
+    """``unknown config key trainer.max_stpes; did you mean trainer.max_steps? (...)``."""
+    parent, _, name = full_key.rpartition(".")
+    prefix = f"{parent}." if parent else ""
+    visible = sorted(str(k) for k in siblings if not str(k).startswith("_"))
+    matches = close_keys(name, visible)
+    if matches:
+        hint = f"did you mean {' or '.join(prefix + m for m in matches)}?"
+    else:
+        known = f"keys: {', '.join(visible)}" if visible else "no keys"
+        hint = f"{parent or 'the config'} has {known}"
+    return f"unknown config key {full_key}; {hint} (to add a new key on purpose, write +{override or full_key}=...)"
+
+
+def close_keys(name: str, keys: list[str], n: int = 3, margin: float = 0.1) -> list[str]:
+    """The keys closest to ``name`` (difflib ratio >= 0.6 and within ``margin`` of the best), best first; case
+    differences do not count."""
+    by_lower = {str(k).lower(): str(k) for k in keys}
+    scored = [(difflib.SequenceMatcher(None, name.lower(), k).ratio(), k) for k in by_lower]
+    scored = sorted((s for s in scored if s[0] >= 0.6), key=lambda s: -s[0])
+    return [by_lower[k] for ratio, k in scored[:n] if ratio >= scored[0][0] - margin]
+
+
+def _unknown_key(exc: BaseException) -> tuple[str, Any] | None:
+    """(full key, parent node) of the "Key 'x' is not in struct" error in ``exc``'s chain, if that is the cause."""
+    for current in exception_chain(exc):
+        parent = getattr(current, "parent_node", None)
+        full_key = getattr(current, "full_key", None)
+        if full_key and parent is not None and re.search(r"Key '[^']*' (is )?not in", str(current)):
+            return str(full_key), parent
+    return None
+
+
+def _names(arg: str, full_key: str) -> bool:
+    key = arg.split("=", 1)[0].lstrip("+~")
+    return key == full_key or key.startswith(f"{full_key}.")
+
+
+# ----- value types: what the targets' signatures and the top-level keys declare
+
+#: top-level keys of conf/train.yaml and the types they take (None is always allowed)
+TRAIN_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "seed": (int,),
+    "ema_decay": (float,),
+    "torch_threads": (int,),
+    "compile": (bool,),
+    "checkpoint.every_n_steps": (int,),
+    "checkpoint.keep_last": (int,),
+    "sampling.every_n_steps": (int,),
+    "sampling.num_prompts": (int,),
+}
+NUMERIC = (bool, int, float)
+
+
+def check_config_types(cfg: Any) -> None:
+    """Raise ConfigError for the first number/bool setting whose value has the wrong type.
+
+    Checks ``TRAIN_KEY_TYPES`` and, in every node with a ``_target_``, each key whose parameter the target
+    annotates as int, float or bool (``Optional``/``Union`` of them too, e.g. torch's ``lr: float | Tensor``).
+    Values set directly are checked before interpolations of them, so the message names the key that was set.
+    Unresolvable interpolations and ``???`` are left to whoever reads them.
+    """
+    from omegaconf import DictConfig
+
+    if not isinstance(cfg, DictConfig):
+        return
+    checks = [("", cfg, {k: v for k, v in TRAIN_KEY_TYPES.items() if _has(cfg, k)})]
+    for path, target in target_nodes(cfg):
+        hints = param_types(target)
+        node = _select(cfg, path)
+        wanted = {k: kinds for k in node if (kinds := numeric_kinds(hints.get(str(k)))) is not None}
+        checks.append((f"{path}.", node, wanted))
+    for interpolated in (False, True):
+        for prefix, node, wanted in checks:
+            check_values(node, wanted, prefix, interpolated)
+
+
+def check_values(
+    cfg: Any, wanted: Mapping[str, tuple[type, ...]], prefix: str = "", interpolated: bool | None = None
+) -> None:
+    """Raise ConfigError unless each dotted key of ``wanted`` holds one of its types (or None);
+    ``interpolated`` True/False: only the keys whose value is / is not an interpolation."""
+    for key, kinds in wanted.items():
+        raw = _interpolation(cfg, key)
+        if interpolated is not None and interpolated != (raw is not None):
+            continue
+        value = _value(cfg, key)
+        if value is not None and not value_fits(value, kinds):
+            shown = repr(value) if isinstance(value, str) else _plain(value)
+            via = f" (= {raw})" if raw is not None else ""
+            raise ConfigError(f"{prefix}{key}{via} must be {describe_kinds(kinds)}, got {shown}")
+
+
+def check_minimums(cfg: Any, minimums: Mapping[str, int]) -> None:
+    """Raise ConfigError when an integer key (already type-checked) is below its minimum."""
+    for key, minimum in minimums.items():
+        value = _value(cfg, key)
+        if isinstance(value, int) and value < minimum:
+            need = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ConfigError(f"{key} must be {need}, got {value}")
+
+
+def value_fits(value: Any, kinds: tuple[type, ...]) -> bool:
+    """bool is not an int here, an int is fine where a float is wanted."""
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int):
+        return int in kinds or float in kinds
+    if isinstance(value, float):
+        return float in kinds
+    return False
+
+
+def describe_kinds(kinds: tuple[type, ...]) -> str:
+    if float in kinds:
+        return "a number (float)"
+    if int in kinds:
+        return "an integer (int)" + (" or true/false" if bool in kinds else "")
+    return "true or false (bool)"
+
+
+def numeric_kinds(annotation: Any) -> tuple[type, ...] | None:
+    """The numeric types an annotation allows, when it allows nothing a config could hold besides them and None
+    (a torch Tensor is tolerated: no YAML value is one); None when the value is not checkable."""
+    if annotation is None:
+        return None
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if union else (annotation,)
+    members = tuple(m for m in members if m is not type(None) and not _is_tensor(m))
+    if not members or any(m not in NUMERIC for m in members):
+        return None
+    return members
+
+
+def _is_tensor(kind: Any) -> bool:
+    return getattr(kind, "__name__", "") == "Tensor" and getattr(kind, "__module__", "").startswith("torch")
+
+
+@functools.cache
+def param_types(target: str) -> dict[str, Any]:
+    """The annotated parameter types of ``target`` (a class's ``__init__`` or a function); {} if unknown."""
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+    except Exception:
+        return {}
+    return callable_param_types(obj.__init__ if isinstance(obj, type) else obj)
+
+
+def callable_param_types(fn: Any) -> dict[str, Any]:
+    """The annotated parameter types of a function or method, as far as they resolve."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        return _hints_one_by_one(fn)
+
+
+def _hints_one_by_one(fn: Any) -> dict[str, Any]:
+    """Annotations that do resolve, when some (TYPE_CHECKING-only names) do not."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    namespace = getattr(inspect.unwrap(fn), "__globals__", {})
+    hints = {}
+    for param in params:
+        annotation = param.annotation
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, dict(namespace))  # as typing.get_type_hints does
+            except Exception:
+                continue
+        if annotation is not inspect.Parameter.empty:
+            hints[param.name] = annotation
+    return hints
+
+
+def target_nodes(cfg: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted path, ``_target_``) of every node with a ``_target_`` (``hydra`` excluded), without resolving."""
+    from omegaconf import DictConfig
+
+    for key in cfg:
+        if str(key).startswith("_") or (not path and key == "hydra"):
+            continue
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
+            child_path = f"{path}{key}"
+            if "_target_" in child and isinstance(child._get_node("_target_")._value(), str):
+                yield child_path, str(child._get_node("_target_")._value())
+            yield from target_nodes(child, f"{child_path}.")
+
+
+def _has(cfg: Any, key: str) -> bool:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key, default="__absent__", throw_on_resolution_failure=False) != "__absent__"
+
+
+def _interpolation(cfg: Any, key: str) -> str | None:
+    """The ``${...}`` text of a dotted key whose value is an interpolation, else None."""
+    from omegaconf import OmegaConf
+
+    parent, _, last = key.rpartition(".")
+    node = _select(cfg, parent) if parent else cfg
+    try:
+        if node is None or not OmegaConf.is_interpolation(node, last):
+            return None
+        return str(node._get_node(last)._value())
+    except Exception:
+        return None
+
+
+def _value(cfg: Any, key: str) -> Any:
+    """The resolved value, or None when it is missing (``???``), absent or cannot be resolved yet."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=False, throw_on_resolution_failure=False)
+    except Exception:
+        return None
+
+
+def _select(cfg: Any, path: str) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, path, throw_on_resolution_failure=False)
+
+
+def _plain(value: Any) -> str:
+    from omegaconf import Container, OmegaConf
+
+    if isinstance(value, Container):
+        return str(OmegaConf.to_container(value, resolve=False))
+    return repr(value)
+
+
+# ----- leave nothing behind when a run fails before it starts
+
+
+@contextlib.contextmanager
+def no_empty_dir_on_error(path: Path) -> Iterator[None]:
+    """On an error, remove ``path`` and the parents it needed if this run created them and they are empty."""
+    path = Path(path).absolute()
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in created:  # deepest first; rmdir refuses a folder with anything in it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+@contextlib.contextmanager
+def startup_guard(run_dir: Path | None, hydra_subdir: str | None = ".hydra") -> Iterator[None]:
+    """Hold Lightning's start-up output (``t2i_train.callbacks.startup_log``) until training starts; on a user
+    error before that drop it and, on rank 0, remove ``run_dir`` if it held only Hydra's files when the job
+    started and still holds nothing else (so a failed start leaves no run folder behind)."""
+    from t2i_train.callbacks.startup_log import STARTUP
+
+    fresh = run_dir is not None and process_rank() == 0 and only_hydra_files(run_dir, hydra_subdir)
+    STARTUP.begin()
+    try:
+        yield
+    except BaseException as exc:
+        user_error = find_user_error(exc) is not None or (
+            isinstance(exc, SystemExit) and exc.code == EXIT_USER_ERROR
+        )
+        if not user_error or STARTUP.training_started:
+            STARTUP.flush()
+            raise
+        STARTUP.drop()
+        if fresh and run_dir is not None and only_hydra_files(run_dir, hydra_subdir, empty_logs=False):
+            remove_run_dir(run_dir)
+        raise
+    STARTUP.flush()
+
+
+def only_hydra_files(run_dir: Path, hydra_subdir: str | None, empty_logs: bool = True) -> bool:
+    """Whether ``run_dir`` holds nothing but Hydra's output subfolder, ``*.log`` files (empty ones when
+    ``empty_logs``) and empty folders."""
+    if not run_dir.is_dir():
+        return False
+    for entry in run_dir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            if entry.name != hydra_subdir and any(p.is_file() or p.is_symlink() for p in entry.rglob("*")):
+                return False
+        elif not (
+            entry.suffix == ".log" and entry.is_file() and (not empty_logs or entry.stat().st_size == 0)
+        ):
+            return False
+    return True
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Remove ``run_dir``, then its parents below the working directory that are left empty
+    (``outputs/<model>/``)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    for parent in run_dir.resolve().parents:
+        if parent == cwd or cwd not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:
+            break

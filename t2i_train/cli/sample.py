@@ -13,6 +13,7 @@ then also holds the ``upsampled_prompt`` the image was drawn from, while ``promp
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import logging
@@ -27,7 +28,20 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from t2i_train.checkpoint import load_family, read_checkpoint
-from t2i_train.cli.common import CONF_DIR, allow_new_keys, fail, user_errors_exit
+from t2i_train.checkpoint_io import apply_trust_argument
+from t2i_train.cli.common import (
+    CONF_DIR,
+    allow_new_keys,
+    callable_param_types,
+    check_minimums,
+    check_overrides,
+    check_values,
+    close_keys,
+    fail,
+    no_empty_dir_on_error,
+    numeric_kinds,
+    user_errors_exit,
+)
 from t2i_train.errors import ConfigError
 from t2i_train.text.upsampler import Upsampler, build_upsampler
 
@@ -250,9 +264,51 @@ def check_upsampler_args(argv: list[str]) -> None:
             fail(f"upsampler={choice} has no option '{key}'; {known}")
 
 
+SAMPLE_OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "images_per_prompt": (int,),
+    "seed": (int,),
+    "batch_size": (int,),
+    "steps": (int,),
+    "grid_columns": (int,),
+    "use_ema": (bool,),
+    "clip_score": (bool,),
+}
+SAMPLE_OPTION_MINIMUMS = {"images_per_prompt": 1, "batch_size": 1, "grid_columns": 1}
+
+
+def check_sample_options(cfg: DictConfig) -> None:
+    """One line for a bad number or mode, before a checkpoint is read or a folder made."""
+    check_values(cfg, SAMPLE_OPTION_TYPES)
+    check_minimums(cfg, SAMPLE_OPTION_MINIMUMS)
+    if cfg.interpolate not in (None, "z", "text"):
+        raise ConfigError(f"interpolate must be z or text, got {cfg.interpolate!r}")
+    if cfg.interpolate and cfg.steps < 2:
+        raise ConfigError(f"steps={cfg.steps}: an interpolation strip needs at least 2 images")
+
+
+def check_generate_options(model: Any, sampling: dict[str, Any]) -> None:
+    """Every ``sampling.<arg>`` is an argument of the family's ``generate()``, of the type it takes."""
+    params = inspect.signature(model.generate).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [name for name in params if name not in ("prompts", "generator")]
+    for key in sampling:
+        if key not in allowed:
+            close = close_keys(key, allowed)
+            hint = f"did you mean sampling.{close[0]}? " if close else ""
+            raise ConfigError(
+                f"model={model.family_name} has no sampling option '{key}'; {hint}"
+                f"its options: {', '.join(allowed) or 'none'}"
+            )
+    hints = callable_param_types(model.generate)
+    wanted = {k: kinds for k in sampling if (kinds := numeric_kinds(hints.get(k))) is not None}
+    check_values(OmegaConf.create(sampling), wanted, prefix="sampling.")
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
 @user_errors_exit
 def _hydra_main(cfg: DictConfig) -> None:
+    check_sample_options(cfg)
     prompts = read_prompts(cfg.prompts, cfg.prompts_file)
     ckpt = read_checkpoint(cfg.checkpoint)
     device = pick_device(cfg.device)
@@ -265,8 +321,24 @@ def _hydra_main(cfg: DictConfig) -> None:
         )
     scorer = pick_scorer(cfg.clip_scorer, model, device) if cfg.clip_score else None
     sampling = {**training_sampling_kwargs(ckpt), **OmegaConf.to_container(cfg.sampling, resolve=True)}
+    if not cfg.interpolate:
+        check_generate_options(model, sampling)
     log.info("sampling with %s", sampling)
     out = Path(cfg.output_dir)
+    with no_empty_dir_on_error(out):
+        write_samples(cfg, model, prompts, out, sampling, upsampled, scorer)
+
+
+def write_samples(
+    cfg: DictConfig,
+    model: Any,
+    prompts: list[str],
+    out: Path,
+    sampling: dict[str, Any],
+    upsampled: list[str] | None,
+    scorer: Any,
+) -> None:
+    """The images (or interpolation strips), grid and manifest of a checked command into ``out``."""
     if cfg.interpolate:
         manifest = interpolate_to_dir(
             model, prompts, out, str(cfg.interpolate), int(cfg.steps), cfg.seed, cfg.images_per_prompt
@@ -291,8 +363,10 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    sys.argv[1:] = apply_trust_argument(sys.argv[1:])  # trust_checkpoint=true (see t2i_train.checkpoint_io)
     check_upsampler_args(sys.argv[1:])
     sys.argv[1:] = allow_new_keys(sys.argv[1:], ("sampling.",))
+    check_overrides(sys.argv[1:], "sample")  # a typo'd option: one line naming the closest ones
     _hydra_main()
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -27,9 +28,12 @@ from t2i_train.checkpoint_io import (
 from t2i_train.cli.common import (
     CONF_DIR,
     allow_new_keys,
+    check_config_types,
     check_group_choices,
+    check_overrides,
     log,
     quiet_third_party,
+    startup_guard,
     user_errors_exit,
 )
 from t2i_train.errors import EXIT_STOPPED, CheckpointError, ConfigError
@@ -294,9 +298,12 @@ def read_metric(trainer: L.Trainer, name: str) -> float:
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 @user_errors_exit
 def _hydra_main(cfg: DictConfig) -> float | None:
-    if cfg.model is None or "_target_" not in cfg.model:
-        raise ConfigError("no model selected; pass model=<family> (see `python -m t2i_train --help`)")
-    return train(cfg).get("optimized_metric")  # returned to Hydra's sweeper (e.g. hparams_search=...)
+    hydra_cfg = HydraConfig.get()
+    with startup_guard(Path(hydra_cfg.runtime.output_dir), hydra_cfg.output_subdir):
+        if cfg.model is None or "_target_" not in cfg.model:
+            raise ConfigError("no model selected; pass model=<family> (see `python -m t2i_train --help`)")
+        check_config_types(cfg)
+        return train(cfg).get("optimized_metric")  # returned to Hydra's sweeper (e.g. hparams_search=...)
 
 
 def main() -> None:
@@ -305,6 +312,7 @@ def main() -> None:
     sys.argv[1:] = apply_trust_argument(sys.argv[1:])  # trust_checkpoint=true (see t2i_train.checkpoint_io)
     check_group_choices(sys.argv[1:])
     sys.argv[1:] = allow_new_keys(sys.argv[1:], ("sampling.kwargs.", "task."))
+    check_overrides(sys.argv[1:], "train")  # a plain run's typos: one line, before Hydra writes
     _hydra_main()
 
 

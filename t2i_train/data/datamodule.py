@@ -3,8 +3,24 @@
 Pipeline per process (built from webdataset's pieces, batching done in the dataset):
 
     shard list (seeded shuffle per epoch, or ResampledShards) -> split by node -> split by worker
-    -> read tar + decode + pick caption (corrupt samples skipped and counted)
-    -> seeded shuffle buffer -> batches {image, caption, meta, key, skipped, caption_source}
+    -> read tar + decode + pick caption (corrupt samples skipped and counted, damaged shards reported)
+    -> seeded shuffle buffer -> batches {image, caption, meta, key, skipped, bad_shards, caption_source}
+
+Data faults, and what each batch reports of them since the previous batch of its worker:
+
+- ``skipped`` (long tensor): samples skipped (undecodable, no caption, over ``max_image_pixels``) plus samples
+  lost from a damaged shard when the number it should hold is known (``<shard>_stats.json`` beside a local
+  ``<shard>.tar``, field ``successes``: written by img2dataset and by :mod:`t2i_train.data.shards`). Above
+  ``max_skip_rate`` of the samples seen by a worker, the run stops with one DataError line.
+- ``bad_shards`` (list of str): shards found damaged (unreadable or truncated tar, fewer samples than its
+  stats file lists, or no usable sample), each reported and logged once per worker process. A worker
+  tolerates ``max_bad_shards`` of them (-1: any number); one more stops the run with one DataError line.
+
+Both limits apply per data worker process (the main process when ``num_workers=0``), as the counts are kept
+where the shards are read. The batching holds each full batch until the next sample arrives, so what is
+counted after the last sample of a pass still reaches that pass's last batch. Remaining gaps: a worker that
+yields no batch at all (every shard it read was unusable) reports nothing, and with a fixed epoch length
+(``samples_per_epoch``) counts made after an epoch's last batch arrive with the next epoch's first batch.
 
 Every random choice (shard order, shuffle buffer, caption blending, crops, flips) comes from a seed mixed
 from (seed, epoch, rank, worker), so a run is reproducible and each epoch differs. Lightning's fit loop
@@ -14,6 +30,8 @@ into a shared value the worker processes read when the epoch starts.
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,10 +41,12 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tarfile
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -40,6 +60,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from t2i_train.data import synthetic as shapes
 from t2i_train.data.transforms import (
@@ -58,6 +79,7 @@ log = logging.getLogger(__name__)
 
 MIN_SAMPLES_FOR_RATE = 50
 WARN_FIRST_SKIPS = 5
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # well below PIL's decompression-bomb warning (89.5 M pixels)
 SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "size": 32,
     "count": 20000,
@@ -233,10 +255,12 @@ class _RunState:
     worker: int = 0
     num_workers: int = 1
     local_runs: int = 0
-    # skip accounting, cumulative per worker; ``pending`` = skipped since the last batch
+    # fault accounting, cumulative per worker; ``pending*`` = found since the last batch
     seen: int = 0
     skipped: int = 0
     pending: int = 0
+    bad_shards: set[str] = dataclasses.field(default_factory=set)
+    pending_bad: list[str] = dataclasses.field(default_factory=list)
 
 
 def _state_worker_seed(state: _RunState) -> int:
@@ -283,11 +307,23 @@ class _SplitByNode(wds.PipelineStage):
         return islice(src, self.rank, None, self.world_size)
 
 
-class _ReadSamples(wds.PipelineStage):
-    """Read tar shards into decoded samples; skip, count and report unreadable ones."""
+@dataclass
+class _ShardTally:
+    """What reading one shard gave: samples read (decoded or skipped), usable ones, the first skip reason."""
 
-    def __init__(self, decode: SampleDecoder, state: _RunState, seed: int, max_skip_rate: float) -> None:
-        self.decode, self.state, self.seed, self.max_skip_rate = decode, state, seed, max_skip_rate
+    read: int = 0
+    good: int = 0
+    first_reason: str = ""
+
+
+class _ReadSamples(wds.PipelineStage):
+    """Read tar shards into decoded samples; skip and count unusable samples, report damaged shards."""
+
+    def __init__(
+        self, decode: SampleDecoder, state: _RunState, seed: int, max_skip_rate: float, max_bad_shards: int
+    ) -> None:
+        self.decode, self.state, self.seed = decode, state, seed
+        self.max_skip_rate, self.max_bad_shards = max_skip_rate, max_bad_shards
 
     def run(self, src: Any) -> Iterator[dict[str, Any]]:
         st = self.state
@@ -296,8 +332,8 @@ class _ReadSamples(wds.PipelineStage):
             yield from self._shard(shard["url"], rng)
 
     def _shard(self, url: str, rng: random.Random) -> Iterator[dict[str, Any]]:
-        good = bad = 0
-        first_reason = ""
+        tally = _ShardTally()
+        damage = ""
         raws = _raw_samples(url)
         while True:
             try:
@@ -305,31 +341,47 @@ class _ReadSamples(wds.PipelineStage):
             except StopIteration:
                 break
             except Exception as exc:  # unreadable or truncated tar: only reading errors end up here
-                reason = f"{type(exc).__name__}: {exc}"
-                if good == 0 and bad == 0:
-                    self._shard_failed(url, f"it is not a readable tar file ({reason})")
-                    return
-                self._skip(url, "(rest of shard)", f"shard ended early after {good + bad} samples ({reason})")
+                damage = _read_failure(exc, tally.read)
                 break
+            tally.read += 1
             self.state.seen += 1
-            try:
-                sample = self.decode(raw, rng)
-            except SkipSample as exc:
-                bad += 1
-                first_reason = first_reason or f"{raw.get('__key__')}: {exc}"
-                self._skip(url, str(raw.get("__key__")), str(exc))
-                self._check_rate(url)
-                continue
+            sample = self._decode(url, raw, rng, tally)
+            if sample is not None:
+                yield sample
+        self._end_shard(url, tally, damage)
+
+    def _decode(
+        self, url: str, raw: dict[str, Any], rng: random.Random, tally: _ShardTally
+    ) -> dict[str, Any] | None:
+        try:
+            sample = self.decode(raw, rng)
+        except SkipSample as exc:
+            key = str(raw.get("__key__"))
+            tally.first_reason = tally.first_reason or f"{key}: {exc}"
+            self._skip(url, key, str(exc))
+            sample = None
+        else:
+            tally.good += 1
+        self._check_rate(url)
+        return sample
+
+    def _end_shard(self, url: str, tally: _ShardTally, damage: str) -> None:
+        """Count the samples a short shard lost (when its stats file says how many it held) and report it."""
+        expected = expected_samples(url)
+        lost = max(0, expected - tally.read) if expected is not None else 0
+        self.state.seen += lost
+        self.state.skipped += lost
+        self.state.pending += lost
+        why = damage or _unusable(tally)
+        if not why and lost:
+            why = f"it holds {tally.read} of the {expected} samples its stats file lists"
+        if why:
+            lost_text = f"; {lost} sample{'s' if lost > 1 else ''} lost" if lost else ""
+            if expected is None and damage:
+                lost_text = "; samples lost: unknown (no <shard>_stats.json beside it)"
+            self._bad_shard(url, why + lost_text)
+        if lost:
             self._check_rate(url)
-            good += 1
-            yield sample
-        if good == 0:
-            why = (
-                f"{bad} of {bad} samples in it were unreadable (e.g. {first_reason})"
-                if bad
-                else "it holds no samples"
-            )
-            self._shard_failed(url, why)
 
     def _skip(self, url: str, key: str, reason: str) -> None:
         st = self.state
@@ -347,18 +399,73 @@ class _ReadSamples(wds.PipelineStage):
         if st.seen >= MIN_SAMPLES_FOR_RATE and st.skipped > self.max_skip_rate * st.seen:
             raise DataError(
                 f"{st.skipped} of {st.seen} samples read by data worker {st.worker} (rank {st.rank}, now in "
-                f"{url}) were unreadable, more than data.max_skip_rate={self.max_skip_rate}; "
+                f"{url}) were unreadable or lost, more than data.max_skip_rate={self.max_skip_rate}; "
                 "raise data.max_skip_rate or fix the shards"
             )
 
-    def _shard_failed(self, url: str, why: str) -> None:
-        self.state.skipped += 1
-        self.state.pending += 1
-        message = f"shard {url} yielded no usable samples: {why}"
-        if self.max_skip_rate >= 1.0:
-            log.warning("%s", message)
+    def _bad_shard(self, url: str, why: str) -> None:
+        """Count a damaged shard once per worker; stop the run beyond ``max_bad_shards``, else warn."""
+        st = self.state
+        if url in st.bad_shards:  # read again (a later epoch, or resampled): its lost samples still count
             return
-        raise DataError(f"{message}; raise data.max_skip_rate to 1.0 to skip such shards, or fix the shards")
+        st.bad_shards.add(url)
+        st.pending_bad.append(url)
+        where = f"data worker {st.worker} (rank {st.rank})"
+        if 0 <= self.max_bad_shards < len(st.bad_shards):
+            raise DataError(
+                f"damaged shard {url}: {why}; {len(st.bad_shards)} damaged shard(s) in {where}, more than "
+                f"data.max_bad_shards={self.max_bad_shards}; set data.max_bad_shards=N (or -1 for no limit) "
+                "to skip damaged shards, or fix the shard"
+            )
+        log.warning(
+            "skipping damaged shard %s: %s (%d damaged so far in %s, data.max_bad_shards=%d)",
+            url, why, len(st.bad_shards), where, self.max_bad_shards,
+        )  # fmt: skip
+
+
+def _read_failure(exc: Exception, read: int) -> str:
+    reason = f"{type(exc).__name__}: {exc}"
+    if read == 0:
+        return f"it is not a readable tar file ({reason})"
+    return f"it is truncated or unreadable after {read} samples ({reason})"
+
+
+def _unusable(tally: _ShardTally) -> str:
+    if tally.good:
+        return ""
+    if tally.read:
+        return (
+            f"it yielded no usable samples: {tally.read} of {tally.read} samples in it were unreadable "
+            f"(e.g. {tally.first_reason})"
+        )
+    return "it yielded no usable samples: it holds no samples"
+
+
+def stats_path(url: str) -> Path | None:
+    """``<shard>_stats.json`` beside a local ``<shard>.tar`` (img2dataset's name); None for other URLs."""
+    if not is_local(url) or not url.endswith(".tar"):
+        return None
+    path = local_path(url)
+    return path.with_name(path.name[: -len(".tar")] + "_stats.json")
+
+
+def expected_samples(url: str) -> int | None:
+    """How many samples the shard should hold: ``successes`` of its stats file (img2dataset's format, also
+    written by :class:`t2i_train.data.shards.ShardWriter`); None when unknown (no stats file, a remote shard,
+    or an unreadable stats file, which is logged)."""
+    path = stats_path(url)
+    if path is None or not path.is_file():
+        return None
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s (%s: %s)", path, type(exc).__name__, exc)
+        return None
+    value = stats.get("successes") if isinstance(stats, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    log.warning("ignoring %s: no non-negative integer 'successes' field", path)
+    return None
 
 
 def _raw_samples(url: str) -> Iterator[dict[str, Any]]:
@@ -387,23 +494,36 @@ class _Batch(wds.PipelineStage):
         self.batch_size, self.state = batch_size, state
 
     def run(self, src: Any) -> Iterator[dict[str, Any]]:
+        """Batches of ``batch_size`` (the last one may be smaller).
+
+        A full batch is held until the next sample arrives (or the source ends), so skips and damaged
+        shards counted after the last sample of the pass are reported in its last batch, not dropped.
+        """
         batch: list[dict[str, Any]] = []
+        full: list[dict[str, Any]] | None = None
         for sample in src:
+            if full is not None:
+                yield self._collate(full)
+                full = None
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield self._collate(batch)
-                batch = []
+                full, batch = batch, []
+        if full is not None:
+            yield self._collate(full)
         if batch:
             yield self._collate(batch)
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        skipped, self.state.pending = self.state.pending, 0
+        st = self.state
+        skipped, st.pending = st.pending, 0
+        bad_shards, st.pending_bad = st.pending_bad, []
         batch: dict[str, Any] = {
             "caption": [s["caption"] for s in samples],
             "meta": [s["meta"] for s in samples],
             "key": [s["key"] for s in samples],
             "caption_source": [s["caption_source"] for s in samples],
             "skipped": torch.tensor(skipped, dtype=torch.long),
+            "bad_shards": bad_shards,
         }
         if "image" in samples[0]:
             batch["image"] = to_batch([s["image"] for s in samples])
@@ -417,7 +537,8 @@ class SampleDecoder:
 
     ``fields`` names pre-encoded arrays stored as ``<field>.npy`` by ``python -m t2i_train.encode``
     (e.g. ``image_tokens``); with ``load_images=False`` the image is not decoded at all (a stage-2 run on
-    pre-encoded shards then spends no data-loading time on pixels).
+    pre-encoded shards then spends no data-loading time on pixels). ``max_image_pixels``: images that would
+    decode to more pixels are skipped before decoding (None: no limit; see :func:`decode_image`).
     """
 
     def __init__(
@@ -429,12 +550,18 @@ class SampleDecoder:
         caption_probs: Sequence[float] | None = None,
         fields: Sequence[str] = (),
         load_images: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if resize not in RESIZE_MODES:
             raise ConfigError(f"data.resize must be one of {list(RESIZE_MODES)}, got {resize!r}")
         if not load_images and not fields:
             raise ConfigError("data.load_images=false needs pre-encoded data.fields (e.g. [image_tokens])")
+        if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or max_image_pixels < 1):
+            raise ConfigError(
+                f"data.max_image_pixels must be >= 1 or null (no limit), got {max_image_pixels}"
+            )
         self.image_size, self.resize, self.random_flip = image_size, resize, random_flip
+        self.max_image_pixels = max_image_pixels
         self.pick_caption = CaptionPicker(caption_keys, caption_probs)
         self.fields, self.load_images = list(fields), load_images
 
@@ -450,7 +577,7 @@ class SampleDecoder:
         if self.load_images:
             image_key = first_image_key(raw)
             sample["image"] = decode_image(
-                raw[image_key], self.image_size, self.resize, self.random_flip, rng
+                raw[image_key], self.image_size, self.resize, self.random_flip, rng, self.max_image_pixels
             )
         if self.fields:
             sample["fields"] = {field: read_array(raw, field) for field in self.fields}
@@ -462,6 +589,7 @@ class ShardStream(wds.DataPipeline):
 
     ``rank``/``world_size`` split the shards across processes; ``batches_per_worker`` fixes the epoch
     length (the shards are re-read as needed), otherwise an epoch is one pass (infinite when resampled).
+    ``max_skip_rate`` and ``max_bad_shards`` (-1: no limit) apply per worker process.
     """
 
     def __init__(
@@ -475,6 +603,7 @@ class ShardStream(wds.DataPipeline):
         resampled: bool = False,
         seed: int = 0,
         max_skip_rate: float = 0.05,
+        max_bad_shards: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
         batches_per_worker: int | None = None,
@@ -492,7 +621,7 @@ class ShardStream(wds.DataPipeline):
             source = [shard_list, *order, _SplitByNode(rank, world_size), wds.split_by_worker]
         super().__init__(
             *source,
-            _ReadSamples(decoder, self.state, seed, max_skip_rate),
+            _ReadSamples(decoder, self.state, seed, max_skip_rate, max_bad_shards),
             _Shuffle(shuffle_buffer if shuffle else 0, seed, self.state),
             _Batch(batch_size, self.state),
         )
@@ -525,16 +654,58 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGTERM.
+
+    SLURM preemption and ``scancel`` signal the whole process group; a worker that died first would crash
+    the main process ("DataLoader worker ... killed by signal: Terminated") before it saves. The main process
+    owns shutdown: it stops its workers when it exits (:func:`_stop_workers_at_exit`), and a worker whose
+    main process died exits on its own (torch's watchdog checks the parent every 5 s).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_LIVE_ITERATORS: weakref.WeakSet[_MultiProcessingDataLoaderIter] = weakref.WeakSet()
+_EXIT_HOOK: list[bool] = []
+
+
+def _track_workers(iterator: Any) -> None:
+    """Remember a worker-backed iterator so that its workers are stopped at interpreter exit.
+
+    Needed because the workers ignore SIGTERM: at exit, torch skips its own worker shutdown and
+    multiprocessing ends daemonic children with SIGTERM and then joins them, which would wait forever. The
+    hook is registered after torch's and multiprocessing's, so it runs before both (atexit is LIFO).
+    """
+    if not isinstance(iterator, _MultiProcessingDataLoaderIter):
+        return
+    _LIVE_ITERATORS.add(iterator)
+    if not _EXIT_HOOK:
+        atexit.register(_stop_workers_at_exit)
+        _EXIT_HOOK.append(True)
+
+
+def _stop_workers_at_exit() -> None:
+    for iterator in list(_LIVE_ITERATORS):
+        try:
+            iterator._shutdown_workers()  # asks each worker to finish, joins it (5 s at most)
+        finally:
+            for worker in iterator._workers:
+                if worker.is_alive():  # stuck: SIGKILL, as SIGTERM is ignored
+                    os.kill(worker.pid, signal.SIGKILL)
+
+
 class ShardLoader(DataLoader):
     """A DataLoader over a :class:`ShardStream` (already batched); forwards ``set_epoch`` to the stream.
 
     Lightning calls ``sampler.set_epoch(epoch)`` at every epoch start; an IterableDataset's DataLoader has
-    no sampler of its own to receive it, so the call is hooked onto the placeholder sampler.
+    no sampler of its own to receive it, so the call is hooked onto the placeholder sampler. Worker
+    processes ignore SIGTERM (see :func:`ignore_sigterm`) unless another ``worker_init_fn`` is given.
     """
 
     def __init__(self, dataset: ShardStream, follow_epoch: bool = True, **kwargs: Any) -> None:
         kwargs.pop("batch_size", None)
         kwargs.setdefault("collate_fn", _identity)  # batches are built in the stream; skip default_convert
+        kwargs.setdefault("worker_init_fn", ignore_sigterm)
         super().__init__(dataset, batch_size=None, **kwargs)
         self._skip_next = 0
         #: (batches of the current epoch the training loop has run, whether that epoch ended) as restored from
@@ -568,6 +739,7 @@ class ShardLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         iterator = super().__iter__()
+        _track_workers(iterator)
         skip, self._skip_next = self._skip_next, 0
         if skip:
             log.info("resuming mid-epoch: fast-forwarding the data stream past %d batches", skip)
@@ -578,11 +750,12 @@ class ShardLoader(DataLoader):
 
 # -------------------------------------------------------------------------------------------- the module
 class ShardDataModule(L.LightningDataModule):
-    """WebDataset shards -> batches ``{image [-1,1], caption, meta, key, skipped, caption_source}``.
+    """WebDataset shards -> batches ``{image [-1,1], caption, meta, key, skipped, bad_shards, caption_source}``.
 
     With ``train_urls=None`` and ``synthetic={...}`` the shapes set is generated once into the cache
     (``cache_dir``, ``$T2I_CACHE`` or ``~/.cache/t2i_train``) and used for training, with its small
-    validation split for validation.
+    validation split for validation. ``max_skip_rate``, ``max_bad_shards`` (-1: no limit) and
+    ``max_image_pixels`` (None: no limit) are described in the module docstring.
     """
 
     def __init__(
@@ -607,6 +780,8 @@ class ShardDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         fields: list[str] | tuple[str, ...] = (),
         load_images: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        max_bad_shards: int = 0,
     ) -> None:
         super().__init__()
         if train_urls is None and synthetic is None:
@@ -615,14 +790,26 @@ class ShardDataModule(L.LightningDataModule):
             raise ConfigError("data.batch_size and data.image_size must be >= 1 and data.num_workers >= 0")
         if not 0.0 <= max_skip_rate <= 1.0:
             raise ConfigError(f"data.max_skip_rate must be in [0, 1], got {max_skip_rate}")
+        if isinstance(max_bad_shards, bool) or not isinstance(max_bad_shards, int) or max_bad_shards < -1:
+            raise ConfigError(
+                f"data.max_bad_shards must be an integer >= 0, or -1 for no limit; got {max_bad_shards}"
+            )
         self.save_hyperparameters(logger=False)
         self.train_urls, self.val_urls = train_urls, val_urls
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.resampled, self.samples_per_epoch = resampled, samples_per_epoch
         self.seed, self.max_skip_rate, self.allow_pipe = seed, max_skip_rate, allow_pipe
+        self.max_bad_shards = max_bad_shards
         self.decoder = SampleDecoder(
-            image_size, resize, random_flip, list(caption_keys), caption_probs, list(fields), load_images
+            image_size,
+            resize,
+            random_flip,
+            list(caption_keys),
+            caption_probs,
+            list(fields),
+            load_images,
+            max_image_pixels,
         )
         self.val_decoder = SampleDecoder(
             image_size,
@@ -632,6 +819,7 @@ class ShardDataModule(L.LightningDataModule):
             caption_probs,
             list(fields),
             load_images,
+            max_image_pixels,
         )
         self.synthetic = dict(synthetic) if synthetic is not None and train_urls is None else None
         if synthetic is not None and train_urls is not None:
@@ -703,17 +891,24 @@ class ShardDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def check_world_size(self, world_size: int) -> None:
+        """Resolve the training shards and raise DataError when they cannot be split over ``world_size``
+        processes (not resampled and fewer shards than processes); call it before spawning them."""
+        if not self.train_shards:
+            self.setup("fit")
+        if not self.resampled and len(self.train_shards) < world_size:
+            raise DataError(
+                f"{len(self.train_shards)} training shards cannot be split over {world_size} processes; "
+                "write more shards or set data.resampled=true"
+            )
+
     def train_dataloader(self) -> ShardLoader:
         if not self.train_shards:
             self.setup("fit")
         rank, world = self._rank_world()
         workers = self.num_workers
+        self.check_world_size(world)
         if not self.resampled:
-            if len(self.train_shards) < world:
-                raise DataError(
-                    f"{len(self.train_shards)} training shards cannot be split over {world} processes; "
-                    "write more shards or set data.resampled=true"
-                )
             if world > 1 and self.samples_per_epoch is None:
                 log.warning(
                     "ranks may get different numbers of batches per epoch; set data.samples_per_epoch "
@@ -732,6 +927,7 @@ class ShardDataModule(L.LightningDataModule):
             resampled=self.resampled,
             seed=self.seed,
             max_skip_rate=self.max_skip_rate,
+            max_bad_shards=self.max_bad_shards,
             rank=rank,
             world_size=world,
             batches_per_worker=per_worker,
@@ -770,6 +966,7 @@ class ShardDataModule(L.LightningDataModule):
             shuffle=False,
             seed=self.seed,
             max_skip_rate=self.max_skip_rate,
+            max_bad_shards=self.max_bad_shards,
             rank=rank,
             world_size=world,
             epoch=SharedEpoch(0),

@@ -3,7 +3,9 @@
 Layout: tar members ``{key}.{png|jpg|webp}``, ``{key}.txt`` and ``{key}.json`` with ``key = %09d``; shards named
 ``{prefix}-{000000}.tar`` (naming="prefix") or ``00000.tar`` (naming="img2dataset"). Every shard is written to
 ``*.tmp`` and renamed when complete; if writing fails, every shard of the run is removed, so a failed run
-leaves no partial output. No torch import here: the CLI starts in well under a second.
+leaves no partial output. Beside each ``<shard>.tar`` goes img2dataset's ``<shard>_stats.json`` with the
+number of samples it holds (``count``, ``successes``): the loader counts the samples a truncated shard lost
+from it. No torch import here: the CLI starts in well under a second.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class WriteSummary:
         return f"wrote {self.count} samples in {len(self.shards)} shards to {self.out_dir}{extra}{skipped}"
 
 
+def stats_name(shard: str) -> str:
+    """img2dataset's per-shard stats file name: ``00000.tar`` -> ``00000_stats.json``."""
+    return shard[: -len(".tar")] + "_stats.json" if shard.endswith(".tar") else shard + "_stats.json"
+
+
 def shard_name(index: int, prefix: str = "shard", naming: str = "prefix") -> str:
     """File name of shard ``index``: ``{prefix}-{index:06d}.tar`` or img2dataset's ``{index:05d}.tar``."""
     if naming == "img2dataset":
@@ -62,8 +69,9 @@ def shard_name(index: int, prefix: str = "shard", naming: str = "prefix") -> str
 class ShardWriter:
     """Sequential tar writer with atomic shards; use as a context manager.
 
-    ``write({"png": bytes, "txt": str, "json": dict})`` adds one sample under the next ``%09d`` key. On an
-    exception inside the ``with`` block the open ``*.tmp`` and every shard written so far are deleted.
+    ``write({"png": bytes, "txt": str, "json": dict})`` adds one sample under the next ``%09d`` key. Each
+    finished shard gets its ``<shard>_stats.json`` (see :func:`stats_name`). On an exception inside the
+    ``with`` block the open ``*.tmp`` and every shard (and stats file) written so far are deleted.
     With ``total`` (the number of samples to come) shard sizes are balanced: they differ by at most one.
     """
 
@@ -128,7 +136,8 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
-        for path in [self._tmp, *self.shards]:
+        stats = [path.with_name(stats_name(path.name)) for path in self.shards]
+        for path in [self._tmp, *self.shards, *stats]:
             if path is not None and path.exists():
                 path.unlink()
         self._tmp, self.shards, self.count = None, [], 0
@@ -150,6 +159,8 @@ class ShardWriter:
         os.replace(self._tmp, final)
         self.shards.append(final)
         self._tar, self._tmp = None, None
+        stats = {"count": self._in_shard, "successes": self._in_shard}
+        _write_text(final.with_name(stats_name(final.name)), [json.dumps(stats)])
 
 
 def _balanced_sizes(total: int, per_shard: int) -> list[int]:
@@ -216,6 +227,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         )
     for path in existing:
         path.unlink()
+        path.with_name(stats_name(path.name)).unlink(missing_ok=True)
 
 
 def encode_image(image: Image.Image, fmt: str) -> bytes:

@@ -1,6 +1,6 @@
 """Per-sample decoding for the shard reader: image bytes -> [-1, 1] tensor, and caption selection.
 
-A failure is returned as a short reason string rather than raised, so the reader can skip and count it.
+A sample that cannot be used raises :class:`SkipSample` with a short reason, so the reader can skip and count it.
 """
 
 from __future__ import annotations
@@ -25,24 +25,44 @@ class SkipSample(Exception):
     """A sample that cannot be used; the message is the reason logged with its key."""
 
 
-def decode_image(data: bytes, size: int, mode: str, flip: bool, rng: random.Random) -> np.ndarray:
+def decode_image(
+    data: bytes, size: int, mode: str, flip: bool, rng: random.Random, max_pixels: int | None = None
+) -> np.ndarray:
     """Decode and resize/crop to ``size``x``size``; returns uint8 [size, size, 3] (see :func:`to_batch`).
 
     Modes: ``center_crop`` (shorter side to ``size``, centre square), ``resize`` (both sides to ``size``,
     aspect not kept), ``random_crop`` (shorter side to ``size``, random square along the longer side).
     ``flip``: horizontal flip with probability 0.5 drawn from ``rng``.
+    ``max_pixels``: skip images that would decode to more pixels (checked from the header, before any pixel
+    is decoded; a JPEG counts at the reduced scale it is decoded at); None: no limit of ours. PIL's own
+    decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) also ends in a skip, never a crash.
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header only
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that is still >= size
+            check_pixels(img.size, max_pixels)
             img.load()
             image = img if img.mode == "RGB" else img.convert("RGB")
+    except SkipSample:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise SkipSample(f"image refused by PIL's decompression-bomb guard ({exc})") from exc
     except Exception as exc:
         raise SkipSample(f"undecodable image ({type(exc).__name__}: {exc})") from exc
     image = resize_crop(image, size, mode, rng)
     if flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(image, dtype=np.uint8)
+
+
+def check_pixels(dims: tuple[int, int], max_pixels: int | None) -> None:
+    """SkipSample when an image of ``dims`` (width, height) has more than ``max_pixels`` pixels."""
+    width, height = dims
+    if max_pixels is not None and width * height > max_pixels:
+        raise SkipSample(
+            f"image is {width}x{height} = {width * height} pixels, more than "
+            f"data.max_image_pixels={max_pixels} (raise it, or null for no limit, to decode such images)"
+        )
 
 
 def resize_crop(image: Image.Image, size: int, mode: str, rng: random.Random) -> Image.Image:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from t2i_train.data.shards import write_synthetic_shards
+from t2i_train.errors import EXIT_STOPPED
 from tests.conftest import ROOT
 
 MAX_STEPS = 40
@@ -136,7 +137,7 @@ def test_sigusr1_saves_last_checkpoint_and_stops(shards: Path, tmp_path: Path) -
         time.sleep(0.1)
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == EXIT_STOPPED, output[-3000:]  # stopped early: not "finished"
     assert "SIGUSR1: saved" in output
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert 0 < ckpt["global_step"] < 100000

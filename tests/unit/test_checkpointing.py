@@ -19,10 +19,10 @@ def test_resume_auto_picks_the_newest_of_last_and_hpc(tmp_path: Path) -> None:
     assert resolve_resume(None, tmp_path) is None
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
-    last.write_bytes(b"x")
+    torch.save({"global_step": 1}, last)
     assert resolve_resume("auto", tmp_path) == str(last)
     hpc = tmp_path / "hpc_ckpt_1.ckpt"
-    hpc.write_bytes(b"x")
+    torch.save({"global_step": 2}, hpc)
     past = time.time() - 100
     os.utime(last, (past, past))
     assert resolve_resume("auto", tmp_path) == str(hpc)
@@ -30,7 +30,7 @@ def test_resume_auto_picks_the_newest_of_last_and_hpc(tmp_path: Path) -> None:
     assert resolve_resume("auto", tmp_path) == str(last)
     # killed after a step checkpoint was written but before last.ckpt was updated: the step one is newest
     step = tmp_path / "checkpoints" / "step_0000010.ckpt"
-    step.write_bytes(b"x")
+    torch.save({"global_step": 3}, step)
     assert resolve_resume("auto", tmp_path) == str(step)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         resolve_resume(str(tmp_path / "nope.ckpt"), tmp_path)

@@ -67,11 +67,12 @@ def write_shard(
 
 def test_batches_follow_the_shared_convention(shapes: Path) -> None:
     batch = next(iter(module(str(shapes)).train_dataloader()))
-    assert set(batch) == {"image", "caption", "meta", "key", "skipped", "caption_source"}
+    assert set(batch) == {"image", "caption", "meta", "key", "skipped", "bad_shards", "caption_source"}
     image = batch["image"]
     assert image.shape == (32, 3, SIZE, SIZE) and image.dtype == torch.float32
     assert -1.0 <= image.min() < image.max() <= 1.0
     assert batch["skipped"].dtype == torch.long and batch["skipped"].ndim == 0 and int(batch["skipped"]) == 0
+    assert batch["bad_shards"] == []
     assert batch["caption_source"] == ["txt"] * 32
     for i, (caption, meta) in enumerate(zip(batch["caption"], batch["meta"])):
         assert caption == meta["caption"] and isinstance(batch["key"][i], str)
@@ -178,6 +179,7 @@ def test_img2dataset_folder_trains_as_it_is(tmp_path: Path) -> None:
         "00000.tar",
         "00000_stats.json",
         "00001.tar",
+        "00001_stats.json",
     ]
     dm = module(str(out), batch_size=4)
     batches = epoch(dm.train_dataloader())
@@ -222,12 +224,18 @@ def test_wholly_corrupt_shard_is_not_skipped_silently(
         epoch(module([str(good), str(bad)]).train_dataloader())
     not_tar = tmp_path / "junk.tar"
     not_tar.write_bytes(b"definitely not a tar archive" * 40)
-    with pytest.raises(DataError, match="not a readable tar file"):
+    with pytest.raises(DataError, match=r"not a readable tar file.*set data\.max_bad_shards=N"):
         epoch(module([str(good), str(not_tar)]).train_dataloader())
     with caplog.at_level(logging.WARNING, logger=dm_module.__name__):
-        batches = epoch(module([str(good), str(bad)], max_skip_rate=1.0).train_dataloader())
+        batches = epoch(
+            module([str(good), str(bad)], max_bad_shards=-1, max_skip_rate=0.1).train_dataloader()
+        )
     assert len(keys_of(batches)) == 60
-    assert any("yielded no usable samples" in r.getMessage() for r in caplog.records)
+    assert [u for b in batches for u in b["bad_shards"]] == [str(bad)]
+    assert sum(int(b["skipped"]) for b in batches) == 5
+    assert any(
+        "skipping damaged shard" in r.getMessage() and str(bad) in r.getMessage() for r in caplog.records
+    )
 
 
 def test_missing_or_empty_shards_fail_in_setup(shapes: Path, tmp_path: Path) -> None:
