@@ -6,6 +6,8 @@ Exit codes of every ``python -m t2i_train...`` command:
 - ``1``: a crash (a bug, or an error no rule here recognises): the traceback is printed.
 - ``2`` (:data:`EXIT_USER_ERROR`): something the user can fix (config, data, checkpoint, a diverged run); one
   ``error:`` line on stderr says what is wrong and what to do.
+- ``3`` (``t2i_train.run_state.LostRank``): another process of a distributed run died; the line names it and the
+  ``resume=auto`` command that continues from the newest checkpoint.
 - ``75`` (:data:`EXIT_STOPPED`, ``EX_TEMPFAIL``): training was told to stop (SIGTERM, SIGUSR1), saved
   ``last.ckpt`` and exited before ``trainer.max_steps``; run the same command with ``resume=auto`` to continue.
   A scheduler or an ``&&`` chain must not read this as "finished".

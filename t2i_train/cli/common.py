@@ -151,13 +151,14 @@ def report_user_error(exc: BaseException, raised: BaseException | None = None) -
     ``raised`` (what wrapped ``exc``) names the config node for messages that do not name it themselves
     (Lightning's: "trainer: `max_steps` must be ...").
     """
+    code = int(getattr(exc, "exit_code", EXIT_USER_ERROR))  # e.g. run_state.LostRank: 3
     if getattr(exc, "collective", False) and process_rank() != 0:
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(code)
     message = user_message(exc)
     node = re.search(r"full_key: (\S+)", str(raised)) if raised is not None and raised is not exc else None
     if node and not isinstance(exc, T2IError) and f"{node.group(1)}." not in message:
         message = f"{node.group(1)}: {message}"
-    fail(message)
+    fail(message, code)
 
 
 def quiet_third_party() -> None:
