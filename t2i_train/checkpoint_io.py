@@ -277,7 +277,5 @@ def remove_orphaned_temp_files(folder: str | Path) -> list[Path]:
             path.unlink()
             removed.append(path)
     if removed:
-        log.warning(
-            "removed %d temporary file(s) left by an interrupted save in %s", len(removed), folder
-        )
+        log.warning("removed %d temporary file(s) left by an interrupted save in %s", len(removed), folder)
     return removed

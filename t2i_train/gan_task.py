@@ -61,7 +61,14 @@ class GANTask(T2ITask):
         check_grads_finite: bool = True,
     ) -> None:
         super().__init__(
-            model, loss, optimizer, scheduler, ema_decay, ema_start_step, max_nonfinite_steps, check_grads_finite
+            model,
+            loss,
+            optimizer,
+            scheduler,
+            ema_decay,
+            ema_start_step,
+            max_nonfinite_steps,
+            check_grads_finite,
         )
         for method in ("generator_terms", "discriminator_terms"):
             if not callable(getattr(loss, method, None)):
