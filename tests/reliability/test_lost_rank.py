@@ -82,3 +82,17 @@ def test_kill_9_of_rank_1_is_one_line_and_resume_auto_continues(tmp_path: Path) 
     assert "resuming from" in resumed.stdout + resumed.stderr
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == step + 2
+
+
+def test_too_few_shards_for_the_processes_is_one_line_before_spawning(tmp_path: Path) -> None:
+    """Checked before Lightning starts the other ranks: one line, not one per rank, and no banner."""
+    run_dir = tmp_path / "run"
+    cmd = command(tmp_path, run_dir, "trainer.devices=4", "data.synthetic.samples_per_shard=256")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: 1 training shards cannot be split over 4 processes; write more shards or set data.resampled=true"
+    ], done.stderr[-3000:]
+    assert "GPU available" not in done.stdout + done.stderr and "Traceback" not in done.stderr
