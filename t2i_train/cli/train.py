@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from t2i_train.callbacks.preemption import SaveOnSignal
+from t2i_train.callbacks.startup_log import startup_log_callback
 from t2i_train.checkpoint import absolute_stage1_paths
 from t2i_train.checkpoint_io import (
     AtomicCheckpointIO,
@@ -210,7 +211,8 @@ def build_trainer(cfg: DictConfig, task: L.LightningModule, datamodule: Any) -> 
         cfg.trainer,
         **trainer_overrides,
         strategy=strategy,
-        callbacks=build_callbacks(cfg, sample_prompts_for(cfg, datamodule)),
+        # first: prints Lightning's held start-up output once training starts (cli.common holds it until then)
+        callbacks=[startup_log_callback(), *build_callbacks(cfg, sample_prompts_for(cfg, datamodule))],
         logger=build_loggers(cfg),
         _convert_="all",
     )
