@@ -166,3 +166,16 @@ def data_summary(report: dict[str, Any]) -> str:
     if report.get("nonfinite_steps_skipped"):
         text += f", {report['nonfinite_steps_skipped']} non-finite steps skipped"
     return text
+
+
+def release_process_group() -> None:
+    """Destroy the default process group once a run has finished (or stopped) cleanly.
+
+    Lightning leaves it alive; at interpreter exit gloo's worker threads are then torn down during
+    finalisation and the process can abort with ``terminate called without an active exception``
+    (exit -6) after a run that finished. Not called after a lost peer: there, tearing down could block.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (used through ``conf/scheduler/*.yaml`` with ``_partial_: true``)."""
+"""Learning-rate schedules (used through ``t2i_train/conf/scheduler/*.yaml`` with ``_partial_: true``)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 
 from t2i_train.errors import EXIT_USER_ERROR, ConfigError, T2IError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = (
     "model",
     "loss",
@@ -303,7 +303,7 @@ def _names(arg: str, full_key: str) -> bool:
 
 # ----- value types: what the targets' signatures and the top-level keys declare
 
-#: top-level keys of conf/train.yaml and the types they take (None is always allowed)
+#: top-level keys of t2i_train/conf/train.yaml and the types they take (None is always allowed)
 TRAIN_KEY_TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "ema_decay": (float,),

@@ -6,7 +6,7 @@ batches of ``batch_size``; the generator of each batch is seeded with ``batch_se
 same command reproduces the same files. Sampling options default to those the run sampled its grids with
 (``sampling.kwargs`` of its training config, stored in the checkpoint); ``sampling.<arg>=value`` overrides them.
 
-``upsampler=template|causal_lm`` (config group ``conf/upsampler``, see ``t2i_train.text.upsampler``) rewrites the
+``upsampler=template|causal_lm`` (config group ``t2i_train/conf/upsampler``, see ``t2i_train.text.upsampler``) rewrites the
 prompts into descriptive captions before they are encoded (DALL-E 3's caption upsampling); each manifest line
 then also holds the ``upsampled_prompt`` the image was drawn from, while ``prompt`` stays the user's.
 """

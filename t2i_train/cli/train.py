@@ -45,6 +45,7 @@ from t2i_train.run_state import (
     is_lost_peer_error,
     lost_rank_error,
     newest_readable_checkpoint,
+    release_process_group,
     resume_command,
     write_data_report,
 )
@@ -278,12 +279,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "stopped by %s at step %d (%s); checkpoint: %s; continue with: %s",
                 stopped, trainer.global_step, data_summary(report), last, resume_command(run_dir),
             )  # fmt: skip
+        release_process_group()
         raise SystemExit(EXIT_STOPPED)
     metric = cfg.get("optimized_metric")
     if metric:
         result["optimized_metric"] = read_metric(trainer, metric)
     if trainer.is_global_zero:
         log.info("finished at step %d; %s; checkpoint: %s", trainer.global_step, data_summary(report), last)
+    release_process_group()
     return result
 
 

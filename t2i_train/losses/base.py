@@ -2,7 +2,7 @@
 
 ``loss(outputs) -> dict[str, Tensor]`` where ``outputs`` is what ``Family.forward(batch)`` returned and the
 result holds every term to log plus ``loss``, the total that is back-propagated. ``config_name`` is the name of
-the loss in ``conf/loss/`` and is used in error messages.
+the loss in ``t2i_train/conf/loss/`` and is used in error messages.
 """
 
 from __future__ import annotations

@@ -102,9 +102,16 @@ class Family(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def can(cls, capability: str) -> bool:
+        """Whether this family implements ``capability`` (a method name listed in
+        ``t2i_train.models.capabilities.CAPABILITIES``): defined, and not ``Family``'s raising default."""
+        method = getattr(cls, capability, None)
+        return callable(method) and method is not getattr(Family, capability, None)
+
+    @classmethod
     def generates_images(cls) -> bool:
         """Whether this family implements ``generate`` (CLIP and VQGAN do not: they are stage-1 models)."""
-        return cls.generate is not Family.generate
+        return cls.can("generate")
 
     @torch.no_grad()
     def generate(self, prompts: list[str], **sampling: Any) -> torch.Tensor:  # pragma: no cover - abstract

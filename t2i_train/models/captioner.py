@@ -403,7 +403,7 @@ class Captioner(Family):
         K samples) and keep the one the frozen CLIP matches best with the image (cosine of the two embeddings;
         the CLIP reads the first ``context_length`` tokens of each). CLIP's text tower composes words it has
         seen in other combinations, so it can tell apart candidates the LM's prefix mapping confuses (the
-        shapes world's held-out combinations: see ``conf/experiment/shapes_captioner.yaml``).
+        shapes world's held-out combinations: see ``t2i_train/conf/experiment/shapes_captioner.yaml``).
         """
         embeds = self._prompt_embeds(images, style)
         options = _decoding_options(method, num_beams, top_p, temperature)

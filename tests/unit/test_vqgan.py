@@ -18,7 +18,7 @@ from t2i_train.models.vqgan import VQGAN
 from t2i_train.task import T2ITask
 from t2i_train.weights import no_weight_loading
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "t2i_train" / "conf"
 SMALL = dict(
     base_channels=8,
     channel_mult=[1, 2, 2],

@@ -1,0 +1,89 @@
+"""What a family can do, asked by generic code instead of its name (``t2i_train.models.base`` is the contract).
+
+Generic code (sampling, evaluation, recaptioning, callbacks, recipes, tests) never checks a class name or a
+``_target_`` string. It asks ``model.can("caption")`` (or ``require(model, "caption", who)``, which raises the
+one-line error) and calls the method. Each protocol below is one method with the signature callers use, so a
+new family gains a capability by implementing that method, with no other file edited. ``Family`` itself
+defines ``generate``/``pre_encode`` that only raise, so ``isinstance`` against these protocols is not the
+test for a ``Family``: ``can`` is (it checks the method is the family's own). ``capabilities(model)`` lists
+them, for error messages and summaries.
+
+| protocol | method | who implements it today |
+|---|---|---|
+| ``ImageGenerator`` | ``generate(prompts, **sampling) -> [B,3,H,W] in [0,1]`` | muse, diffusion, galip |
+| ``Captioner`` | ``caption(images in [-1,1], **decoding) -> list[str]`` | captioner |
+| ``Reconstructor`` | ``reconstruct(images in [-1,1]) -> images in [-1,1]`` | vqgan, vae |
+| ``Interpolator`` | ``interpolate(prompts_a, prompts_b, mode, steps, seed) -> [steps,3,H,W]`` | galip |
+| ``PreEncoder`` | ``pre_encode(images in [-1,1]) -> {field: tensor}`` | vqgan, vae, clip |
+| ``ClipScorerSource`` | ``clip_scorer() -> a CLIP with encode_image / encode_text`` | galip, clip |
+| ``Retriever`` | ``retrieve(queries, k) -> indices [B, k]`` | (GILL, CM3leon) |
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class ImageGenerator(Protocol):
+    def generate(self, prompts: list[str], **sampling: Any) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    def caption(self, images: torch.Tensor, **decoding: Any) -> list[str]: ...
+
+
+@runtime_checkable
+class Reconstructor(Protocol):
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Interpolator(Protocol):
+    def interpolate(self, prompts_a: Any, prompts_b: Any = None, **options: Any) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class PreEncoder(Protocol):
+    def pre_encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class ClipScorerSource(Protocol):
+    def clip_scorer(self) -> Any: ...
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    def retrieve(self, queries: Any, k: int = 1) -> torch.Tensor: ...
+
+
+CAPABILITIES: dict[str, type] = {
+    "generate": ImageGenerator,
+    "caption": Captioner,
+    "reconstruct": Reconstructor,
+    "interpolate": Interpolator,
+    "pre_encode": PreEncoder,
+    "clip_scorer": ClipScorerSource,
+    "retrieve": Retriever,
+}
+
+
+def capabilities(model: Any) -> list[str]:
+    """The capability names ``model`` implements, in table order (``Family`` methods that only raise do not
+    count: see ``Family.can``)."""
+    can = getattr(model, "can", None)
+    return [name for name in CAPABILITIES if (can(name) if callable(can) else hasattr(model, name))]
+
+
+def require(model: Any, capability: str, what: str) -> None:
+    """Raise ConfigError ``model=X cannot <capability> ...`` when ``model`` lacks it; ``what`` says who asked."""
+    from t2i_train.errors import ConfigError
+
+    if capability not in capabilities(model):
+        name = getattr(model, "family_name", type(model).__name__)
+        have = ", ".join(capabilities(model)) or "none"
+        raise ConfigError(f"{what} needs a model that can {capability}; model={name} can: {have}")
