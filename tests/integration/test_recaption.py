@@ -90,7 +90,7 @@ def test_keeps_every_member_adds_the_caption_and_leaves_inputs_alone(
 
 def recaption_here(setup: dict[str, Path], out: Path, **options: object) -> dict[str, object]:
     """The CLI's function in this process (no interpreter start-up: the model loads in a second)."""
-    from t2i_train.cli.recaption import recaption as run
+    from t2i_train.data.recaption import recaption as run
 
     threads = torch.get_num_threads()
     try:
@@ -181,7 +181,7 @@ def test_bad_input_is_one_line(setup: dict[str, Path], tmp_path: Path) -> None:
 def test_bad_options_are_user_errors(
     setup: dict[str, Path], tmp_path: Path, options: dict[str, str], message: str
 ) -> None:
-    from t2i_train.cli.recaption import recaption as run
+    from t2i_train.data.recaption import recaption as run
     from t2i_train.errors import T2IError
 
     options = {"output_dir": str(tmp_path / "o"), **options}

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_train.cli.encode import PreEncode
 from t2i_train.data.datamodule import ShardDataModule
+from t2i_train.data.encode import PreEncode
 from t2i_train.data.shard_map import copy_sidecars, map_shards
 from t2i_train.data.shards import ShardWriter, write_synthetic_shards
 from t2i_train.errors import ConfigError, DataError

@@ -1,0 +1,374 @@
+"""Sampling as a library: images and interpolation strips into a folder, their manifest, CLIP scores and the
+labelled grids a user opens first.
+
+``python -m t2i_train.sample`` (``t2i_train.cli.sample``) parses arguments and calls these; the recipes
+(``t2i_train.recipes``) and the training callback (``t2i_train.callbacks.samples``) use the same functions, so
+a sample folder and its ``grid.png`` look the same whoever wrote them.
+
+A sample folder holds ``<n>.png`` (native resolution, one per image), ``grid.png`` (the images upscaled for
+viewing with their prompts written beside each row, see ``labelled_grid``) and ``manifest.jsonl``: one line per
+image, ``{"prompt": ..., "file": "<n>.png", "seed": ..., "batch_seed": ...}``. Batches of ``batch_size`` are
+drawn with a generator seeded with ``batch_seed = seed + n_first``, so the same call writes the same files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from t2i_train.errors import ConfigError
+from t2i_train.models.capabilities import require
+
+GRID_CELL = 128  # px per image in grid.png: small samples are upscaled (nearest) to about this size
+GRID_PADDING = 2
+GRID_BACKGROUND = 255
+GRID_TEXT = 0
+MAX_LABEL_LINES_ABOVE = 3
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
+    """The prompts of ``prompts=[...]`` or ``prompts_file=FILE`` (one a line; blank lines and ``#`` comments
+    skipped); exactly one of the two must be given."""
+    if bool(prompts) == bool(prompts_file):
+        raise ConfigError("give exactly one of prompts='[\"a red circle\", ...]' or prompts_file=FILE")
+    if prompts:
+        return [str(p) for p in prompts]
+    path = Path(str(prompts_file)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"prompts_file={prompts_file}: no such file")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise ConfigError(f"prompts_file={prompts_file} holds no prompts (one per line)")
+    return lines
+
+
+def training_sampling_kwargs(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``sampling.kwargs`` the checkpoint's run used for its sample grids ({} if none)."""
+    config = ckpt["t2i_config"]
+    return dict((config.get("sampling") or {}).get("kwargs") or {})
+
+
+def check_generate_options(model: Any, sampling: Mapping[str, Any]) -> None:
+    """Every ``sampling.<arg>`` is an argument of the family's ``generate()``, of the type it takes."""
+    from omegaconf import OmegaConf
+
+    from t2i_train.cli.common import callable_param_types, check_values, close_keys, numeric_kinds
+
+    params = inspect.signature(model.generate).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [name for name in params if name not in ("prompts", "generator")]
+    for key in sampling:
+        if key not in allowed:
+            close = close_keys(key, allowed)
+            hint = f"did you mean sampling.{close[0]}? " if close else ""
+            raise ConfigError(
+                f"model={model.family_name} has no sampling option '{key}'; {hint}"
+                f"its options: {', '.join(allowed) or 'none'}"
+            )
+    hints = callable_param_types(model.generate)
+    wanted = {k: kinds for k in sampling if (kinds := numeric_kinds(hints.get(k))) is not None}
+    check_values(OmegaConf.create(dict(sampling)), wanted, prefix="sampling.")
+
+
+def make_upsampler(options: Mapping[str, Any], device: torch.device) -> Any:
+    """The ``upsampler`` config group's choice (``kind`` + its options); a causal LM runs on ``device`` unless
+    its options name one."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from t2i_train.text.upsampler import build_upsampler
+
+    kwargs = dict(
+        OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else options
+    )
+    kind = str(kwargs.pop("kind", "none"))
+    if kind == "causal_lm" and kwargs.get("device") is None:
+        kwargs["device"] = str(device)
+    return build_upsampler(kind, **kwargs)
+
+
+def upsample_prompts(options: Mapping[str, Any], prompts: list[str], device: torch.device) -> list[str]:
+    """``prompts`` rewritten by the upsampler ``options`` describe. The upsampler is dropped before this
+    returns, so a large LM and the image model never share the device."""
+    upsampler = make_upsampler(options, device)
+    upsampled = upsampler(prompts)
+    del upsampler
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return list(upsampled)
+
+
+# ------------------------------------------------------------------------------------------------ folders
+def write_manifest(manifest: list[dict[str, Any]], output_dir: Path) -> None:
+    with open(output_dir / "manifest.jsonl", "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in manifest)
+
+
+def sample_to_dir(
+    model: Any,
+    prompts: list[str],
+    output_dir: Path,
+    images_per_prompt: int = 1,
+    seed: int = 0,
+    batch_size: int = 16,
+    sampling: dict[str, Any] | None = None,
+    grid_columns: int | None = None,
+    upsampled: list[str] | None = None,
+    grid_cell: int = GRID_CELL,
+) -> list[dict[str, Any]]:
+    """Generate ``images_per_prompt`` images per prompt into ``output_dir``; returns the manifest lines.
+
+    ``upsampled`` (one per prompt): the texts the images are generated from instead, recorded as
+    ``upsampled_prompt`` beside the original ``prompt``. ``grid.png`` has ``grid_columns`` images a row
+    (default: ``images_per_prompt``, one row per prompt, or 8 when each prompt has one image), each labelled
+    with the user's prompt and upscaled to about ``grid_cell`` px.
+    """
+    require(model, "generate", "sampling")
+    if upsampled is not None and len(upsampled) != len(prompts):
+        raise ValueError(f"{len(upsampled)} upsampled prompts for {len(prompts)} prompts")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    texts = prompts if upsampled is None else upsampled
+    jobs = [(p, t) for p, t in zip(prompts, texts) for _ in range(images_per_prompt)]
+    manifest: list[dict[str, Any]] = []
+    images: list[torch.Tensor] = []
+    for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", unit="batch"):
+        batch = jobs[start : start + batch_size]
+        batch_seed = seed + start
+        generator = torch.Generator(device=device).manual_seed(batch_seed)
+        out = model.generate([t for _, t in batch], generator=generator, **(sampling or {}))
+        for i, ((prompt, text), image) in enumerate(zip(batch, out.float().clamp(0, 1).cpu())):
+            n = start + i
+            save_image(image, output_dir / f"{n}.png")
+            line: dict[str, Any] = {"prompt": prompt}
+            if upsampled is not None:
+                line["upsampled_prompt"] = text
+            manifest.append({**line, "file": f"{n}.png", "seed": seed, "batch_seed": batch_seed})
+            images.append(image)
+    columns = grid_columns or (images_per_prompt if images_per_prompt > 1 else min(8, len(images)))
+    grid = labelled_grid(torch.stack(images), [p for p, _ in jobs], columns, cell=grid_cell)
+    save_grid(grid, output_dir / "grid.png")
+    write_manifest(manifest, output_dir)
+    return manifest
+
+
+def interpolate_to_dir(
+    model: Any,
+    prompts: list[str],
+    output_dir: Path,
+    mode: str,
+    steps: int,
+    seed: int = 0,
+    strips_per_prompt: int = 1,
+    grid_cell: int = GRID_CELL,
+) -> list[dict[str, Any]]:
+    """Interpolation strips (``interpolate=z|text``): ``z`` walks the noise with each prompt fixed
+    (``strips_per_prompt`` strips from seeds ``seed, seed+1, ...``); ``text`` walks from each prompt to the next
+    with the noise fixed. Writes ``strip_<n>.png`` (one row of ``steps`` images at native resolution),
+    ``grid.png`` (one labelled strip per row) and ``manifest.jsonl``; returns its lines."""
+    require(model, "interpolate", "interpolate=")
+    if mode not in ("z", "text"):
+        raise ConfigError(f"interpolate must be z or text, got {mode!r}")
+    if steps < 2:
+        raise ConfigError(f"steps={steps}: an interpolation strip needs at least 2 images")
+    if mode == "text" and len(prompts) < 2:
+        raise ConfigError("interpolate=text walks from one prompt to the next: give at least two prompts")
+    jobs: list[tuple[str, str | None, int]]
+    if mode == "z":
+        jobs = [(p, None, seed + k) for p in prompts for k in range(strips_per_prompt)]
+    else:
+        jobs = [(a, b, seed) for a, b in itertools.pairwise(prompts)]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest: list[dict[str, Any]] = []
+    strips: list[torch.Tensor] = []
+    labels: list[str] = []
+    for n, (prompt_a, prompt_b, strip_seed) in enumerate(tqdm(jobs, desc="interpolating", unit="strip")):
+        strip = model.interpolate(prompt_a, prompt_b, mode=mode, steps=steps, seed=strip_seed).float().cpu()
+        save_image(make_grid(strip, nrow=steps, padding=1), output_dir / f"strip_{n}.png")
+        line: dict[str, Any] = {
+            "prompt": prompt_a,
+            "file": f"strip_{n}.png",
+            "seed": strip_seed,
+            "mode": mode,
+            "steps": steps,
+        }
+        if prompt_b is not None:
+            line["prompt_b"] = prompt_b
+        manifest.append(line)
+        strips.append(strip)
+        label = prompt_a if prompt_b is None else f"{prompt_a} -> {prompt_b}"
+        labels += [f"{label} (seed {strip_seed})" if mode == "z" else label] * len(strip)
+    save_grid(labelled_grid(torch.cat(strips), labels, steps, cell=grid_cell), output_dir / "grid.png")
+    write_manifest(manifest, output_dir)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------ scores
+def add_clip_scores(
+    manifest: list[dict[str, Any]], output_dir: Path, scorer: Any, batch_size: int = 64
+) -> float:
+    """Score every image of a sample folder against its prompt (``clip_score`` in each manifest line);
+    returns the mean."""
+    from torchvision.io import ImageReadMode, read_image
+
+    from t2i_train.metrics.clip_score import clip_score
+
+    for start in range(0, len(manifest), batch_size):
+        lines = manifest[start : start + batch_size]
+        images = torch.stack(
+            [read_image(str(output_dir / line["file"]), ImageReadMode.RGB).float() / 255 for line in lines]
+        )
+        scores = clip_score(images, [line["prompt"] for line in lines], scorer)
+        for line, score in zip(lines, scores.tolist()):
+            line["clip_score"] = round(score, 4)
+    write_manifest(manifest, output_dir)
+    return sum(line["clip_score"] for line in manifest) / max(1, len(manifest))
+
+
+def own_clip_scorer(model: Any) -> Any | None:
+    """The CLIP a family exposes for scoring (``clip_scorer()``, e.g. GALIP's frozen CLIP), or None."""
+    can = getattr(model, "can", None)
+    if callable(can) and can("clip_scorer"):
+        return model.clip_scorer()
+    return None
+
+
+def pick_scorer(spec: str | None, model: Any, device: torch.device) -> Any:
+    """The CLIP that scores samples: ``clip_scorer=SPEC`` (see ``load_scorer``), else the family's own
+    (``model.clip_scorer()``)."""
+    from t2i_train.metrics.clip_score import load_scorer
+
+    if spec:
+        return load_scorer(spec, device)
+    own = own_clip_scorer(model)
+    if own is not None:
+        return own
+    raise ConfigError(
+        "clip_score=true needs clip_scorer=<clip .ckpt | export folder | open_clip:NAME/TAG> "
+        f"(model={getattr(model, 'family_name', '?')} exposes no CLIP scorer of its own)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ grids
+def _font() -> Any:
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
+
+
+def _line_height(font: Any) -> int:
+    _, top, _, bottom = font.getbbox("Agjy|")
+    return int(bottom - min(top, 0)) + 2
+
+
+def wrap_label(text: str, width: int, font: Any, max_lines: int) -> list[str]:
+    """``text`` broken into at most ``max_lines`` lines of at most ``width`` px in ``font`` (words longer than
+    a line are cut; a label that does not fit ends in ``...``)."""
+    if max_lines < 1 or width < 1:
+        return []
+    per_char = max(1.0, font.getlength("abcdefghijklmnopqrstuvwxyz") / 26)
+    chars = max(1, int(width / per_char))
+    while True:
+        lines = textwrap.wrap(" ".join(text.split()), chars, break_long_words=True) or [""]
+        if chars == 1 or all(font.getlength(line) <= width for line in lines):
+            break
+        chars -= 1
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        while last and font.getlength(last + "...") > width:
+            last = last[:-1]
+        lines[-1] = last.rstrip() + "..."
+    return lines
+
+
+def upscale_factor(height: int, width: int, cell: int) -> int:
+    """The integer factor that brings the larger side of a ``height`` x ``width`` image to about ``cell`` px
+    (1: never shrink)."""
+    return max(1, cell // max(height, width, 1))
+
+
+def labelled_grid(
+    images: torch.Tensor,
+    labels: Sequence[str],
+    columns: int,
+    cell: int = GRID_CELL,
+    padding: int = GRID_PADDING,
+    label_width: int | None = None,
+) -> torch.Tensor:
+    """A grid for viewing: ``images`` [N,3,H,W] in [0, 1], ``columns`` a row, each upscaled by an integer factor
+    (nearest neighbour, so every pixel becomes an exact block) to about ``cell`` px, on a white background.
+
+    ``labels`` has one text per image. When every row's images share one label (a row per prompt, an
+    interpolation strip, inputs vs reconstructions), it is written once beside the row, in a column of
+    ``label_width`` px (default ``2 * cell``); otherwise each image gets its label above it. Long labels wrap;
+    what does not fit ends in ``...``. Returns [3, H', W'] float in [0, 1] (exact multiples of 1/255), for
+    ``save_grid`` or a logger.
+    """
+    from PIL import Image, ImageDraw
+
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [N, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+    if len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    if columns < 1:
+        raise ValueError(f"columns must be at least 1, got {columns}")
+    n, _, height, width = images.shape
+    factor = upscale_factor(height, width, cell)
+    pixels = images.detach().float().cpu().clamp(0, 1).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+    pixels = pixels.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+    cell_h, cell_w = height * factor, width * factor
+    rows = math.ceil(n / columns)
+    row_labels = [list(labels[r * columns : (r + 1) * columns]) for r in range(rows)]
+    beside = all(len(set(row)) == 1 for row in row_labels)
+    font = _font()
+    line_h = _line_height(font)
+    if beside:
+        side = label_width if label_width is not None else 2 * max(cell, cell_w)
+        texts = [wrap_label(row[0], side - 2 * padding, font, max(1, cell_h // line_h)) for row in row_labels]
+        above = 0
+    else:
+        side = 0
+        texts = [wrap_label(label, cell_w, font, MAX_LABEL_LINES_ABOVE) for label in labels]
+        above = max(len(lines) for lines in texts) * line_h + padding
+    step_x, step_y = cell_w + padding, cell_h + above + padding
+    canvas = Image.new(
+        "RGB", (side + padding + columns * step_x, padding + rows * step_y), (GRID_BACKGROUND,) * 3
+    )
+    draw = ImageDraw.Draw(canvas)
+    colour = (GRID_TEXT,) * 3
+    for i in range(n):
+        r, c = divmod(i, columns)
+        x, y = side + padding + c * step_x, padding + r * step_y
+        canvas.paste(Image.fromarray(pixels[i].permute(1, 2, 0).numpy()), (x, y + above))
+        if not beside:
+            for k, line in enumerate(texts[i]):
+                draw.text((x, y + k * line_h), line, fill=colour, font=font)
+    if beside:
+        for r, lines in enumerate(texts):
+            top = padding + r * step_y + max(0, (cell_h - len(lines) * line_h) // 2)
+            for k, line in enumerate(lines):
+                draw.text((padding, top + k * line_h), line, fill=colour, font=font)
+    array = np.asarray(canvas, dtype=np.uint8).copy()
+    return torch.from_numpy(array).permute(2, 0, 1).float().div(255)
+
+
+def save_grid(grid: torch.Tensor, path: Path) -> None:
+    """Write a ``labelled_grid`` as PNG, pixel for pixel."""
+    from PIL import Image
+
+    array = grid.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(array).save(path)
