@@ -1,4 +1,9 @@
-"""Periodic sample grids: a fixed prompt set (or fixed reconstructions) saved as PNG and sent to the logger."""
+"""Periodic sample grids: a fixed prompt set (or fixed reconstructions) saved as PNG and sent to the logger.
+
+The grids are ``t2i_train.sampling.labelled_grid``'s, as in a sample folder's ``grid.png``: images upscaled
+(nearest) to about ``grid_cell`` px with their prompts (or ``input`` / ``reconstruction``) written beside or
+above them.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torchvision.utils import make_grid, save_image
+
+from t2i_train.sampling import GRID_CELL, labelled_grid, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +22,8 @@ log = logging.getLogger(__name__)
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimizer steps, draw a grid and write ``<out_dir>/step_<N>.png``.
 
-    Families that generate from text sample ``prompts``; families that only reconstruct (stage-1 tokenizers)
-    show a fixed training batch next to its reconstruction.
+    Families that can ``generate`` sample ``prompts``; families that can only ``reconstruct`` (stage-1
+    tokenizers) show a fixed training batch above its reconstruction; others draw nothing.
     """
 
     def __init__(
@@ -28,6 +34,7 @@ class SampleGrid(L.Callback):
         sampling: dict[str, Any] | None = None,
         seed: int = 0,
         at_end: bool = True,
+        grid_cell: int = GRID_CELL,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.every_n_steps = every_n_steps
@@ -35,6 +42,7 @@ class SampleGrid(L.Callback):
         self.sampling = dict(sampling or {})
         self.seed = seed
         self.at_end = at_end
+        self.grid_cell = grid_cell
         self._fixed_images: torch.Tensor | None = None
         self._last_step = -1
 
@@ -58,7 +66,7 @@ class SampleGrid(L.Callback):
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{trainer.global_step:07d}.png"
-        save_image(grid, path)
+        save_grid(grid, path)
         log.info("sample grid written to %s", path)
         for logger in trainer.loggers:
             _log_image(logger, grid, trainer.global_step)
@@ -66,23 +74,27 @@ class SampleGrid(L.Callback):
     @torch.no_grad()
     def make(self, pl_module: Any) -> torch.Tensor | None:
         model = pl_module.model
-        if self.prompts and _can_generate(model):
+        if self.prompts and _can(model, "generate"):
             generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
             images = pl_module.sample_images(self.prompts, generator=generator, **self.sampling)
-            return make_grid(images.float().cpu().clamp(0, 1), nrow=min(8, len(self.prompts)))
-        if self._fixed_images is not None and hasattr(model, "reconstruct"):
+            columns = min(8, len(self.prompts))
+            return labelled_grid(images.float().cpu().clamp(0, 1), self.prompts, columns, cell=self.grid_cell)
+        if self._fixed_images is not None and _can(model, "reconstruct"):
             was_training = model.training
             model.eval()
             images = self._fixed_images.to(pl_module.device)
             recon = model.reconstruct(images)
             model.train(was_training)
             both = torch.cat([images, recon.to(images.dtype)]).float().cpu()
-            return make_grid((both.clamp(-1, 1) + 1) / 2, nrow=len(images))
+            labels = ["input"] * len(images) + ["reconstruction"] * len(images)
+            return labelled_grid((both.clamp(-1, 1) + 1) / 2, labels, len(images), cell=self.grid_cell)
         return None
 
 
-def _can_generate(model: Any) -> bool:
-    return bool(getattr(model, "generates_images", lambda: False)())
+def _can(model: Any, capability: str) -> bool:
+    """``model.can(capability)`` (``t2i_train.models.capabilities``); False for a model without ``can``."""
+    can = getattr(model, "can", None)
+    return bool(can(capability)) if callable(can) else False
 
 
 def _log_image(logger: Any, grid: torch.Tensor, step: int) -> None:

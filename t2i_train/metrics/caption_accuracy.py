@@ -150,11 +150,11 @@ def evaluate_checkpoint(
     from t2i_train.checkpoint import load_family, read_checkpoint
     from t2i_train.data.synthetic import parse_combination
     from t2i_train.errors import ConfigError
+    from t2i_train.models.capabilities import require
 
     ckpt = read_checkpoint(checkpoint)
     model = load_family(checkpoint, ckpt=ckpt)
-    if model.family_name != "captioner":
-        raise ConfigError(f"{checkpoint} holds a {model.family_name} model, not model=captioner")
+    require(model, "caption", f"caption accuracy of checkpoint={checkpoint}")
     data = instantiate(ckpt["t2i_config"]["data"], _convert_="all")
     data.setup("fit")
     root = data.dataset_dir

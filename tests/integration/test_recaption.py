@@ -162,7 +162,7 @@ def test_bad_input_is_one_line(setup: dict[str, Path], tmp_path: Path) -> None:
     torch.save({"t2i_config": {"model": {"_target_": "t2i_train.models.muse.Muse"}}, "state_dict": {}}, fake)
     common = [f"input_urls={setup['shards']}", f"output_dir={tmp_path / 'o'}"]
     proc = run_cli("t2i_train.recaption", f"checkpoint={fake}", *common)
-    assert_one_line_error(proc, "not model=captioner")
+    assert_one_line_error(proc, "needs a model that can caption", "model=muse can: generate")
     ckpt = f"checkpoint={setup['ckpt']}"
     proc = run_cli("t2i_train.recaption", ckpt, f"input_urls={tmp_path}/none", f"output_dir={tmp_path / 'o'}")
     assert_one_line_error(proc, "none")
