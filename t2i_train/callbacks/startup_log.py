@@ -10,6 +10,7 @@ prints them, in order; a user error before that ``drop()``s them, a crash ``flus
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -18,6 +19,30 @@ from typing import Any
 import lightning as L
 
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+#: Python warnings from inside the libraries that a user cannot act on (held back like the rest, then dropped)
+INTERNAL_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+class DropTips(logging.Filter):
+    """Drops Lightning's advertising ("💡 Tip: ... try installing litlogger / litmodels"): a handler filter, since
+    the records come from child loggers (``lightning.pytorch.utilities.rank_zero``) and propagate."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("💡 Tip") or "litlogger" in message or "litmodels" in message)
+
+
+def route_library_logs(handlers: list[logging.Handler] | None = None) -> None:
+    """Lightning's loggers hand their records to the root's handlers (one line each, one format) instead of
+    printing them a second time with their own; ``handlers`` (default: the root's) drop the tips."""
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+    for handler in logging.getLogger().handlers if handlers is None else handlers:
+        if not any(isinstance(f, DropTips) for f in handler.filters):
+            handler.addFilter(DropTips())
 
 
 class _Held(logging.Handler):
@@ -86,6 +111,8 @@ class StartupBuffer:
         return events
 
     def _hold_warning(self, *args: Any, **kwargs: Any) -> None:
+        if args and any(re.search(pattern, str(args[0])) for pattern in INTERNAL_WARNINGS):
+            return
         self._cut_console()
         original = self._showwarning
         self.events.append(lambda: original(*args, **kwargs))

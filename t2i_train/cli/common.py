@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import functools
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import shutil
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -60,8 +61,11 @@ def user_message(exc: BaseException) -> str:
 def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Fail with one line when an override names a config-group option that does not exist.
 
-    Hydra's own message for this is a multi-line dump of the search path; users deserve one line.
+    Hydra's own message for this is a multi-line dump of the search path; users deserve one line. Options in the
+    user's config dirs (``T2I_CONFIG_PATH``, ``hydra.searchpath=[...]``) count too.
     """
+    register_user_config_path()
+    dirs = [conf_dir, *user_config_dirs(argv)]
     for arg in argv:
         if "=" not in arg or arg.startswith("-"):
             continue
@@ -72,7 +76,7 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         key = key.lstrip("/")
         if key not in GROUPS or value in ("", "null"):
             continue
-        options = _group_options(conf_dir / key)
+        options = set().union(*(_group_options(d / key) for d in dirs))
         for choice in value.split(","):  # multirun sweeps: model=muse,vqgan
             if choice.strip() and choice.strip() not in options:
                 fail(f"unknown {key} '{choice}'; choose one of: {', '.join(sorted(options))}")
@@ -88,6 +92,8 @@ def allow_new_keys(argv: list[str], prefixes: tuple[str, ...]) -> list[str]:
 
 
 def _group_options(group_dir: Path) -> set[str]:
+    if not group_dir.is_dir():
+        return set()
     return {str(p.relative_to(group_dir).with_suffix("")) for p in group_dir.rglob("*.yaml")}
 
 
@@ -173,9 +179,20 @@ def quiet_third_party() -> None:
 def run_shard_job(job: Callable[..., dict[str, Any]], args: dict[str, Any]) -> None:
     """The shard-to-shard CLIs' ``main``: INFO logging, quiet libraries, ``job(**args)`` with user errors as
     one line, and its summary printed as JSON."""
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    console_logging()
     quiet_third_party()
     print(json.dumps(user_errors_exit(job)(**args), indent=2))
+
+
+def console_logging() -> None:
+    """INFO lines on the console for the CLIs Hydra does not set logging up for (shard jobs, the pipeline), in the
+    format of ``conf/hydra/job_logging/t2i.yaml``: one handler, each Lightning line once, no advertising tips."""
+    from t2i_train.callbacks.startup_log import route_library_logs
+
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S"
+    )
+    route_library_logs()
 
 
 def parse_shard_job_args(
@@ -221,6 +238,198 @@ def parse_shard_job_args(
     if str(args["input_urls"]).startswith("["):
         args["input_urls"] = [u.strip().strip("'\"") for u in args["input_urls"].strip("[]").split(",")]
     return args
+
+
+# ----- the command line as the shell leaves it: brace patterns, a syntax check, the user's config dirs
+
+#: Hydra's flags that take the next argument as their value (that argument is not an override)
+_HYDRA_VALUE_FLAGS = frozenset(
+    {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+     "--experimental-rerun", "-sc", "--shell-completion"}
+)  # fmt: skip
+_HYDRA_INFO_CHOICES = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
+#: the environment variable naming extra config dirs (``os.pathsep``-separated), searched after the package's
+CONFIG_PATH_ENV = "T2I_CONFIG_PATH"
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """What every Hydra CLI does to its overrides first: brace patterns quoted (``quote_brace_values``), then a
+    one-line error for an override Hydra cannot parse (``check_override_syntax``); also makes the user's config
+    dirs (``T2I_CONFIG_PATH``) part of Hydra's search path (``register_user_config_path``)."""
+    register_user_config_path()
+    check_shell_expanded(argv)
+    argv = quote_brace_values(argv)
+    check_override_syntax(argv)
+    return argv
+
+
+def check_shell_expanded(argv: list[str]) -> None:
+    """Fail with one line when adjacent overrides set the same key: what bash makes of an unquoted brace pattern
+    (``a=/d/{0..2}.tar`` becomes ``a=/d/0.tar a=/d/1.tar a=/d/2.tar``, and Hydra would silently keep the last)."""
+    keys = [(argv[i].partition("=")[0].lstrip("+~"), i) for i in override_positions(argv) if "=" in argv[i]]
+    for (key, i), (next_key, j) in itertools.pairwise(keys):
+        if key == next_key and j == i + 1:
+            count = sum(1 for k, _ in keys if k == key)
+            fail(
+                f"{key} is given {count} times in a row; the shell expanded an unquoted brace pattern? Quote it: "
+                f"{key}='.../{{00000..00009}}.tar'"
+            )
+
+
+def override_positions(argv: list[str]) -> list[int]:
+    """Indices of the arguments that are overrides (not flags, not the value of a flag such as ``--cfg job``)."""
+    positions, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("-"):
+            skip = arg in _HYDRA_VALUE_FLAGS or (
+                arg in ("-i", "--info") and i + 1 < len(argv) and argv[i + 1] in _HYDRA_INFO_CHOICES
+            )
+            continue
+        positions.append(i)
+    return positions
+
+
+def quote_brace_values(argv: list[str]) -> list[str]:
+    """Quote brace patterns in override values for Hydra's grammar, which reads ``{`` as the start of a dict.
+
+    ``data.train_urls=/data/{00000..00331}.tar`` (as the shell leaves ``'.../{00000..00331}.tar'``) becomes
+    ``data.train_urls='/data/{00000..00331}.tar'``; in a list (``[/a/{0..3}.tar,/b/{0..1}.tar]``), and under
+    ``-m`` in a sweep (``a=/x/{0..1}.tar,/y/{0..1}.tar``), each element is quoted on its own; otherwise a comma
+    outside the braces stays part of the one value. Overrides Hydra already parses (dicts ``{k: v}``, ``${...}``
+    interpolations, quoted values) are left alone, and so is one that quoting would not make parseable, so that
+    ``check_override_syntax`` reports it as the user wrote it.
+    """
+    out = list(argv)
+    sweep = any(a in ("-m", "--multirun") for a in argv)
+    for i in override_positions(argv):
+        arg = argv[i]
+        key, sep, value = arg.partition("=")
+        if not sep or not _has_brace_pattern(value) or _parses(arg):
+            continue
+        quoted = f"{key}={_quote_value(value, sweep)}"
+        if _parses(quoted):
+            out[i] = quoted
+    return out
+
+
+def check_override_syntax(argv: list[str]) -> None:
+    """Fail with one line naming the first override Hydra's grammar rejects (Hydra's own report is several lines
+    and a stack-trace hint)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for i in override_positions(argv):
+        try:
+            parser.parse_overrides([argv[i]])
+        except Exception as exc:
+            reason = next(
+                (line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__
+            )
+            fail(
+                f"cannot parse override '{argv[i]}': {reason} (quote a value with special characters: "
+                "key='...', inside the shell's quotes: \"key='...'\")"
+            )
+
+
+def _parses(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        OverridesParser.create().parse_overrides([override])
+    except Exception:
+        return False
+    return True
+
+
+def _has_brace_pattern(value: str) -> bool:
+    """A ``{`` that does not open a ``${...}`` interpolation."""
+    return any(ch == "{" and (i == 0 or value[i - 1] != "$") for i, ch in enumerate(value))
+
+
+def _split_top(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets, braces, parentheses and quotes."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote and text[i - 1] != "\\":
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def _quote_value(value: str, sweep: bool = False) -> str:
+    """``value`` with each list element (and, when ``sweep``, each sweep element) that holds a brace pattern
+    quoted."""
+    if value.startswith("[") and value.endswith("]"):
+        return "[" + ",".join(_quote_value(p) for p in _split_top(value[1:-1])) + "]"
+    parts = _split_top(value) if sweep else [value]
+    if len(parts) > 1:
+        return ",".join(_quote_value(p) for p in parts)
+    element = value.strip()
+    if not _has_brace_pattern(element) or element[:1] in ("'", '"', "[") or element[-1:] == "]":
+        return value  # nothing to quote, already quoted, or a list missing a bracket (a real mistake)
+    if "'" not in element:
+        return f"'{element}'"
+    if '"' not in element:
+        return f'"{element}"'
+    return "'" + element.replace("'", "\\'") + "'"
+
+
+def user_config_dirs(argv: Sequence[str] = ()) -> list[Path]:
+    """The user's config dirs: ``T2I_CONFIG_PATH`` (``os.pathsep``-separated), then ``hydra.searchpath=[...]``
+    entries of ``argv`` that are folders (``file://`` or a plain path; ``pkg://`` ones are skipped)."""
+    dirs = [Path(d).expanduser() for d in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if d.strip()]
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "hydra.searchpath":
+            entries = value.strip().strip("[]")
+            for entry in _split_top(entries):
+                entry = entry.strip().strip("'\"")
+                if entry and not entry.startswith("pkg://"):
+                    dirs.append(Path(entry.removeprefix("file://")).expanduser())
+    return dirs
+
+
+def _user_search_path_plugin() -> type:
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    class T2IConfigPathPlugin(SearchPathPlugin):
+        """Adds the folders of ``T2I_CONFIG_PATH`` to Hydra's config search path, after the package's configs
+        (on a name clash the package's config wins; give your own files new names)."""
+
+        def manipulate_search_path(self, search_path: Any) -> None:
+            for folder in user_config_dirs():
+                search_path.append(provider="t2i-user", path=f"file://{folder.resolve()}")
+
+    T2IConfigPathPlugin.__module__ = __name__
+    T2IConfigPathPlugin.__qualname__ = "T2IConfigPathPlugin"
+    return T2IConfigPathPlugin
+
+
+#: the plugin class, made on first use (importing Hydra costs ~0.2 s, which the shard CLIs do not pay)
+T2IConfigPathPlugin: Any = None
+
+
+@functools.cache
+def register_user_config_path() -> None:
+    """Register the search-path plugin with Hydra (once per process), for ``hydra.main`` and ``hydra.compose``."""
+    from hydra.core.plugins import Plugins
+
+    global T2IConfigPathPlugin
+    T2IConfigPathPlugin = _user_search_path_plugin()
+    Plugins.instance().register(T2IConfigPathPlugin)
 
 
 # ----- overrides: compose once up front, so a typo is one line that names the closest valid keys
