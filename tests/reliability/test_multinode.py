@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 
 from t2i_train.callbacks.data_audit import KeyLog, read_key_log
 from t2i_train.cli.common import CONF_DIR
-from t2i_train.cli.train import build_strategy
 from t2i_train.data.shards import write_synthetic_shards
+from t2i_train.training import build_strategy
 from tests.conftest import ROOT
 
 SHARDS, PER_SHARD = 8, 16

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2i_train.cli.train import resolve_resume
 from t2i_train.errors import CheckpointError
 from t2i_train.loggers import CSVLogger
+from t2i_train.training import resolve_resume
 
 
 def test_resume_auto_picks_the_newest_of_last_and_hpc(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from t2i_train.cli.dalle3 import caption_overrides, render_table
+from t2i_train.recipes.dalle3 import caption_overrides, render_table
 
 
 def _arm(fraction: float, seen_all: float) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from t2i_train.cli.report import collect, render
+from t2i_train.recipes import get
 
 
 def _write_eval(out: Path, split: str, all_three: float) -> None:
@@ -22,8 +22,10 @@ def test_muse_report_checks_psnr_and_the_90_percent_target(tmp_path: Path) -> No
     )
     _write_eval(tmp_path, "seen", 0.88)
     _write_eval(tmp_path, "heldout", 0.7)
-    report = collect(tmp_path, 600, "muse")
-    text = render(tmp_path, report)
+    muse = get("muse")
+    assert muse.from_files is not None
+    report = muse.from_files(tmp_path, 600)
+    text = muse.render(tmp_path, report)
     assert report["vqgan_psnr_db"] == 29.4 and report["seen"]["all"] == 0.88
     assert "muse recipe: done in 10.0 min" in text and "VQGAN held-out PSNR: 29.4 dB" in text
     assert "seen prompts (192 images): 88.0% all three" in text and "(target 0.9 not met)" in text
@@ -33,8 +35,10 @@ def test_muse_report_checks_psnr_and_the_90_percent_target(tmp_path: Path) -> No
 def test_galip_report_has_no_vqgan_and_an_85_percent_target(tmp_path: Path) -> None:
     _write_eval(tmp_path, "seen", 0.88)
     _write_eval(tmp_path, "heldout", 0.5)
-    report = collect(tmp_path, None, "galip")
-    text = render(tmp_path, report)
+    galip = get("galip")
+    assert galip.from_files is not None
+    report = galip.from_files(tmp_path, None)
+    text = galip.render(tmp_path, report)
     assert "vqgan_psnr_db" not in report and "VQGAN" not in text
     assert "galip prompt following, seen prompts (192 images): 88.0% all three" in text
     seen, heldout = (line for line in text.splitlines() if "prompt following" in line)
