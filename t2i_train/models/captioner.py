@@ -32,105 +32,35 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from t2i_train.errors import ConfigError
 from t2i_train.losses.cross_entropy import IGNORE_INDEX, NextTokenCrossEntropy
 from t2i_train.models.base import Family
-from t2i_train.weights import weight_loading_enabled
+from t2i_train.text.causal_lm import (
+    TINY_GPT2_CONFIG,
+    EmbeddingPrefix,
+    PatchPrefix,
+    build_causal_lm,
+    build_tokenizer,
+    decode_until_eos,
+    decoding_options,
+    embed_ids,
+    lm_max_positions,
+    lm_width,
+    prefix_lm_logits,
+    rerank_options,
+    seeded_generate,
+)
 
 PREFIX_MODES: tuple[str, ...] = ("embedding", "patches")
-DECODING_METHODS: tuple[str, ...] = ("greedy", "beam", "top_p")
 #: The tiny LM of the shapes world: 4 GPT-2 blocks of width 128 over ByT5's 384 byte-level ids.
-TINY_LM_CONFIG: dict[str, Any] = {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 256}
+TINY_LM_CONFIG: dict[str, Any] = TINY_GPT2_CONFIG
+#: Re-exported for callers that validate decoding options before a captioner loads.
+_decoding_options, _rerank_options = decoding_options, rerank_options
 DEFAULT_STYLE_PROMPTS: dict[str, str] = {"ssc": "short:", "dsc": "describe:"}
 DEFAULT_STYLE_KEYS: dict[str, str] = {"ssc": "json.caption", "dsc": "json.descriptive"}
 DEFAULT_STYLE_PROBS: dict[str, float] = {"ssc": 0.5, "dsc": 0.5}
-
-
-# ------------------------------------------------------------------------------------------------ build
-def _byte_tokenizer() -> Any:
-    from transformers import ByT5Tokenizer
-
-    return ByT5Tokenizer()
-
-
-def build_tokenizer(name: str | None) -> Any:
-    """``AutoTokenizer.from_pretrained(name)``, or the byte-level ByT5 tokenizer when ``name`` is None."""
-    if name is None:
-        return _byte_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if tokenizer.eos_token_id is None:
-        raise ConfigError(f"tokenizer {name!r} has no EOS token; the captioner ends captions with one")
-    return tokenizer
-
-
-def build_lm(lm_pretrained: str | None, lm_config: Mapping[str, Any] | None, tokenizer: Any) -> nn.Module:
-    """The causal LM: ``lm_pretrained``'s weights (or only its architecture when weight loading is off), else
-    a ``GPT2LMHeadModel`` from ``lm_config`` (vocab size and special ids default to the tokenizer's)."""
-    if lm_pretrained:
-        if weight_loading_enabled() and torch.empty(0).device.type != "meta":
-            return AutoModelForCausalLM.from_pretrained(lm_pretrained)
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(lm_pretrained))
-    vocab_size = len(tokenizer)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    options = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad, **TINY_LM_CONFIG}
-    options.update({k: v for k, v in dict(lm_config or {}).items() if v is not None})
-    options["vocab_size"] = options.get("vocab_size") or vocab_size
-    if options["vocab_size"] < vocab_size:
-        raise ConfigError(
-            f"model.lm_config.vocab_size {options['vocab_size']} < the tokenizer's {vocab_size}"
-        )
-    return GPT2LMHeadModel(GPT2Config(**options))
-
-
-def _lm_width(lm: nn.Module) -> int:
-    return int(lm.get_input_embeddings().embedding_dim)
-
-
-def _lm_max_positions(lm: nn.Module) -> int | None:
-    config = lm.config
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def _mapper(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
-    """LayerNorm, then a 2-layer GELU MLP (``hidden > 0``) or one linear map (``hidden == 0``)."""
-    if hidden <= 0:
-        return nn.Sequential(nn.LayerNorm(dim_in), nn.Linear(dim_in, dim_out))
-    return nn.Sequential(
-        nn.LayerNorm(dim_in), nn.Linear(dim_in, hidden), nn.GELU(), nn.Linear(hidden, dim_out)
-    )
-
-
-class EmbeddingPrefix(nn.Module):
-    """Pooled CLIP embedding [B, E] -> ``tokens`` LM tokens [B, tokens, width] (ClipCap's MLP mapper)."""
-
-    def __init__(self, embed_dim: int, width: int, tokens: int, hidden: int) -> None:
-        super().__init__()
-        self.tokens, self.width = tokens, width
-        self.mlp = _mapper(embed_dim, hidden, tokens * width)
-
-    def forward(self, embedding: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
-        return self.mlp(embedding).view(embedding.shape[0], self.tokens, self.width)
-
-
-class PatchPrefix(nn.Module):
-    """Final ViT tokens (CLS + patches) [B, N, clip width] -> [B, N, LM width], projected token by token."""
-
-    def __init__(self, clip_width: int, width: int, hidden: int) -> None:
-        super().__init__()
-        self.mlp = _mapper(clip_width, hidden, width)
-
-    def forward(self, embedding: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
-        if patches is None:
-            raise ValueError("prefix=patches needs the CLIP patch tokens")
-        return self.mlp(patches)
 
 
 # ------------------------------------------------------------------------------------------------ family
@@ -147,7 +77,7 @@ class Captioner(Family):
         prefix_noise: in training, Gaussian noise of this many times the features' RMS is added to the CLIP
             features (CapDec, Nukrai et al. 2022): a smoother mapper that generalises to unseen combinations.
         lm_pretrained: a transformers causal-LM name or folder (its tokenizer too, unless ``tokenizer``);
-            null: a GPT-2 from ``lm_config`` (``GPT2Config`` keys; default ``TINY_LM_CONFIG``), random init.
+            null: a GPT-2 from ``lm_config`` (``GPT2Config`` keys over ``TINY_LM_CONFIG``), random init.
         freeze_lm: keep ``lm_pretrained`` frozen (train only the prefix mapper).
         tokenizer: a tokenizer name or folder; null: the LM's, or ByT5's byte-level tokenizer.
         style_prompts: style -> the text placed after the image prefix to ask for that style.
@@ -212,7 +142,7 @@ class Captioner(Family):
         self.tokenizer = build_tokenizer(tokenizer or lm_pretrained)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            self.lm = build_lm(lm_pretrained, lm_config, self.tokenizer)
+            self.lm = build_causal_lm(lm_pretrained, lm_config, self.tokenizer)
             self.prefix = self._build_prefix(prefix, prefix_tokens, prefix_hidden)
         if freeze_lm:
             self.freeze("lm", external=True)
@@ -220,13 +150,13 @@ class Captioner(Family):
         self._check_positions()
 
     def _build_prefix(self, mode: str, tokens: int, hidden: int) -> nn.Module:
-        width = _lm_width(self.lm)
+        width = lm_width(self.lm)
         if mode == "embedding":
             return EmbeddingPrefix(self.clip.embed_dim, width, tokens, hidden)
         return PatchPrefix(self.clip.width, width, hidden)
 
     def _check_positions(self) -> None:
-        limit = _lm_max_positions(self.lm)
+        limit = lm_max_positions(self.lm)
         longest = (
             self.prefix_length + max(len(ids) for ids in self._style_ids.values()) + self.max_caption_tokens
         )
@@ -277,7 +207,7 @@ class Captioner(Family):
         return self.prefix(embedding, patches).to(dtype)
 
     def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_input_embeddings()(ids)
+        return embed_ids(self.lm, ids)
 
     # ---------------------------------------------------------------------------------------- training
     def choose_styles(self, batch: Mapping[str, Any]) -> list[str]:
@@ -356,19 +286,7 @@ class Captioner(Family):
         self, prefix: torch.Tensor, rows: list[tuple[list[int], int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The LM on [prefix, row tokens] right-padded to the longest row: (logits, next-token targets)."""
-        device, plen = prefix.device, prefix.shape[1]
-        length = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), plen + length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), plen + length), dtype=torch.long)
-        for i, (row, prompt_len) in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            labels[i, plen + prompt_len : plen + len(row)] = torch.tensor(row[prompt_len:], dtype=torch.long)
-            mask[i, : plen + len(row)] = 1
-        embeds = torch.cat([prefix, self._embed_ids(ids.to(device))], dim=1)
-        logits = self.lm(inputs_embeds=embeds, attention_mask=mask.to(device), use_cache=False).logits
-        targets = torch.cat([labels[:, 1:], labels[:, :1].fill_(IGNORE_INDEX)], dim=1)
-        return logits, targets.to(device)
+        return prefix_lm_logits(self.lm, prefix, rows, self.pad_token_id)
 
     # ---------------------------------------------------------------------------------------- decoding
     def _prompt_embeds(self, images: torch.Tensor, style: str) -> torch.Tensor:
@@ -406,21 +324,19 @@ class Captioner(Family):
         shapes world's held-out combinations: see ``t2i_train/conf/experiment/shapes_captioner.yaml``).
         """
         embeds = self._prompt_embeds(images, style)
-        options = _decoding_options(method, num_beams, top_p, temperature)
-        options.update(_rerank_options(method, num_beams, rerank))
-        device = embeds.device
-        devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            ids = self.lm.generate(
-                inputs_embeds=embeds,
-                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=device),
-                max_new_tokens=max_new_tokens or self.max_caption_tokens,
-                eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                use_cache=True,
-                **options,
-            )
+        options = decoding_options(method, num_beams, top_p, temperature)
+        options.update(rerank_options(method, num_beams, rerank))
+        ids = seeded_generate(
+            self.lm,
+            seed,
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+            max_new_tokens=max_new_tokens or self.max_caption_tokens,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+            **options,
+        )
         texts = [self._decode(row) for row in ids.tolist()]
         return self._best_by_clip(images, texts, rerank) if rerank > 1 else texts
 
@@ -433,10 +349,7 @@ class Captioner(Family):
         return [texts[i * per_image + j] for i, j in enumerate(best)]
 
     def _decode(self, ids: Sequence[int]) -> str:
-        ids = list(ids)
-        if self.eos_token_id in ids:
-            ids = ids[: ids.index(self.eos_token_id)]
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+        return decode_until_eos(self.tokenizer, ids, self.eos_token_id)
 
     @torch.no_grad()
     def sequence_logprob(
@@ -479,33 +392,3 @@ def _check_styles(
         raise ConfigError(f"model.style_prompts {dict(prompts)} must be distinct, non-empty texts")
     total = float(sum(probs.values()))
     return {s: p / total for s, p in probs.items() if p > 0}
-
-
-def _rerank_options(method: str, num_beams: int, rerank: int) -> dict[str, Any]:
-    """``generate`` options that return ``rerank`` candidates per image (none for ``rerank`` 0 or 1)."""
-    if rerank < 0:
-        raise ConfigError(f"rerank must be >= 0 candidates, got {rerank}")
-    if rerank <= 1:
-        return {}
-    if method == "greedy":
-        raise ConfigError(
-            f"rerank={rerank} needs candidates: use method=beam (the {rerank} best beams) or method=top_p"
-        )
-    options: dict[str, Any] = {"num_return_sequences": int(rerank)}
-    if method == "beam":
-        options["num_beams"] = max(int(num_beams), int(rerank))
-    return options
-
-
-def _decoding_options(method: str, num_beams: int, top_p: float, temperature: float) -> dict[str, Any]:
-    if method == "greedy":
-        return {"do_sample": False, "num_beams": 1}
-    if method == "beam":
-        if num_beams < 1:
-            raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
-        return {"do_sample": False, "num_beams": int(num_beams)}
-    if method == "top_p":
-        if not 0.0 < top_p <= 1.0 or temperature <= 0:
-            raise ConfigError(f"top_p must be in (0, 1] and temperature > 0 (got {top_p}, {temperature})")
-        return {"do_sample": True, "top_p": float(top_p), "top_k": 0, "temperature": float(temperature)}
-    raise ConfigError(f"decoding method must be one of {', '.join(DECODING_METHODS)}, got {method!r}")

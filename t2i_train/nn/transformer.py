@@ -3,6 +3,14 @@
 Attention runs through ``F.scaled_dot_product_attention`` so the fused (flash / memory-efficient) kernels are
 used where the device has them. Masks follow one convention everywhere: a boolean tensor where ``True`` means
 "this key takes part" (the same convention as the text encoders' ``mask``).
+
+Incremental decoding (a decoder-only model emitting hundreds of tokens, as CM3leon does): ``causal=True`` with a
+:class:`KVCache` keeps every layer's self-attention keys and values, so each step runs only the new tokens
+against all previous positions instead of the whole sequence again. ``Transformer.forward(x_new,
+causal=True, cache=cache)`` after a prefill ``Transformer.forward(prompt, causal=True, cache=cache)`` gives the
+outputs the uncached ``forward(cat(prompt, x_new), causal=True)`` gives at the new positions. The blocks hold no
+positional encoding: a model adding positions starts the new tokens at ``cache.length`` (as
+:class:`CausalTransformerLM` does).
 """
 
 from __future__ import annotations
@@ -11,6 +19,70 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+class LayerKV:
+    """One layer's cached self-attention keys and values [B, H, T, dim_head] and how many positions they hold.
+
+    With ``max_length`` the buffers are allocated once, at the first write (shape, dtype and device of the
+    keys), and each step writes its positions in place: no reallocation per token. Without it each step
+    concatenates (simpler, for short or unknown lengths).
+    """
+
+    def __init__(self, max_length: int | None = None) -> None:
+        self.max_length = max_length
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' keys and values [B, H, n, dim_head]; return all of them [B, H, T + n, ...]."""
+        start, end = self.length, self.length + k.shape[2]
+        if self.keys is not None and self.keys.shape[0] != k.shape[0]:
+            raise ValueError(f"the cache holds a batch of {self.keys.shape[0]}, got {k.shape[0]} rows")
+        if self.max_length is None:
+            self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=2)
+            self.values = v if self.values is None else torch.cat([self.values, v], dim=2)
+        else:
+            if end > self.max_length:
+                raise ValueError(f"the KV cache holds {self.max_length} positions; {end} were asked for")
+            if self.keys is None or self.values is None:
+                b, h, _, d = k.shape
+                self.keys = k.new_empty(b, h, self.max_length, d)
+                self.values = v.new_empty(b, h, self.max_length, v.shape[3])
+            self.keys[:, :, start:end] = k
+            self.values[:, :, start:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """Self-attention keys and values of every layer of a :class:`Transformer`, for incremental decoding.
+
+    ``length`` is the number of positions already seen (the position of the next token). ``key_mask`` [B,
+    length] (True = a real token) is kept when some forward passed a ``self_mask`` (e.g. a left-padded prompt),
+    so later steps keep ignoring those padded keys.
+    """
+
+    def __init__(self, depth: int, max_length: int | None = None) -> None:
+        self.layers = [LayerKV(max_length) for _ in range(depth)]
+        self.max_length = max_length
+        self.key_mask: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
+
+    def extend_mask(self, new_mask: torch.Tensor | None, batch: int, new: int, device: torch.device) -> None:
+        """Append the new positions' key mask [B, new] (None: all real) to ``key_mask``."""
+        if new_mask is None and self.key_mask is None:
+            return
+        if new_mask is None:
+            new_mask = torch.ones(batch, new, dtype=torch.bool, device=device)
+        past = self.key_mask
+        if past is None:
+            past = torch.ones(batch, self.length, dtype=torch.bool, device=device)
+        self.key_mask = torch.cat([past, new_mask.bool()], dim=1)
 
 
 def _attention_mask(
@@ -68,13 +140,25 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         causal: bool = False,
+        cache: LayerKV | None = None,
     ) -> torch.Tensor:
-        """x [B, Lq, dim]; context [B, Lk, context_dim] (defaults to x); key_mask [B, Lk] bool (True = keep)."""
+        """x [B, Lq, dim]; context [B, Lk, context_dim] (defaults to x); key_mask [B, Lk] bool (True = keep).
+
+        ``cache`` (self-attention only): the keys and values of the previous positions; x's are appended and
+        the queries attend to all of them (``key_mask`` then covers all of them too, [B, cached + Lq]). With
+        ``causal`` the query at cached position p sees keys 0..p.
+        """
         source = x if context is None else context
         q = self._split(self.to_q(x))
         k, v = (self._split(t) for t in self.to_kv(source).chunk(2, dim=-1))
+        if cache is not None:
+            if context is not None:
+                raise ValueError("a KV cache holds self-attention keys; cross-attention takes none")
+            k, v = cache.append(k, v)
         if key_mask is None and causal and q.shape[2] == k.shape[2]:
             mask, is_causal = None, True  # lets SDPA pick its causal fast path
+        elif key_mask is None and causal and q.shape[2] == 1:
+            mask, is_causal = None, False  # one new query after the cache sees every key
         else:
             mask, is_causal = _attention_mask(key_mask, causal, q.shape[2], k.shape[2], x.device), False
         out = F.scaled_dot_product_attention(
@@ -135,8 +219,11 @@ class TransformerBlock(nn.Module):
         context_mask: torch.Tensor | None = None,
         self_mask: torch.Tensor | None = None,
         causal: bool = False,
+        cache: LayerKV | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.self_attn(self.norm_self(x), key_mask=self_mask, causal=causal))
+        """``cache``: this block's self-attention keys/values of the previous positions (``self_mask`` then
+        covers those and x's, [B, cached + L])."""
+        x = x + self.drop(self.self_attn(self.norm_self(x), key_mask=self_mask, causal=causal, cache=cache))
         if self.cross_attn is not None:
             if context is None:
                 raise ValueError("this block has cross-attention: pass a context")
@@ -148,7 +235,7 @@ class Transformer(nn.Module):
     """A stack of ``TransformerBlock`` with a final norm; optional activation checkpointing.
 
     ``gradient_checkpointing`` recomputes each block in the backward pass (memory for compute); it only acts
-    while training with gradients enabled.
+    while training with gradients enabled, and never with a KV cache (which is for inference).
     """
 
     def __init__(
@@ -187,7 +274,25 @@ class Transformer(nn.Module):
         context_mask: torch.Tensor | None = None,
         self_mask: torch.Tensor | None = None,
         causal: bool = False,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """x [B, L, dim] -> [B, L, dim]. ``self_mask`` [B, L]: which of x's tokens are keys (True = real).
+
+        ``cache`` (from :meth:`new_cache`): x holds the positions after the ``cache.length`` ones already run;
+        its keys/values (and ``self_mask``) are appended, and x attends to every cached position too. Use it
+        with ``causal=True`` for decoding; without, x's tokens also see each other both ways (a prefill of a
+        prefix attended bidirectionally).
+        """
+        if cache is not None:
+            if len(cache.layers) != len(self.blocks):
+                raise ValueError(
+                    f"the cache has {len(cache.layers)} layers, the transformer {len(self.blocks)}"
+                )
+            cache.extend_mask(self_mask, x.shape[0], x.shape[1], x.device)
+            self_mask = cache.key_mask
+            for block, layer in zip(self.blocks, cache.layers, strict=True):
+                x = block(x, context, context_mask, self_mask, causal, cache=layer)
+            return self.norm(x)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
@@ -195,3 +300,71 @@ class Transformer(nn.Module):
             else:
                 x = block(x, context, context_mask, self_mask, causal)
         return self.norm(x)
+
+    def new_cache(self, max_length: int | None = None) -> KVCache:
+        """An empty KV cache for this stack; ``max_length`` preallocates that many positions per layer."""
+        return KVCache(len(self.blocks), max_length)
+
+
+class CausalTransformerLM(nn.Module):
+    """A decoder-only LM from these blocks: token + learned position embeddings, a causal
+    :class:`Transformer`, a linear head. The base of a decoder over text + image tokens (CM3leon).
+
+    Args:
+        vocab_size: ids 0..vocab_size-1; max_length: the positions it has embeddings for.
+        dim, depth, heads, mlp_dim, dropout, dim_head, bias, norm_affine: as for :class:`Transformer`.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_length: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        dim_head: int | None = None,
+        bias: bool = True,
+        norm_affine: bool = True,
+    ) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.token_emb = nn.Embedding(vocab_size, dim)
+        self.pos_emb = nn.Embedding(max_length, dim)
+        self.transformer = Transformer(
+            dim, depth, heads, mlp_dim, dropout, dim_head=dim_head, bias=bias, norm_affine=norm_affine
+        )
+        self.head = nn.Linear(dim, vocab_size, bias=bias)
+
+    def new_cache(self, max_length: int | None = None) -> KVCache:
+        """An empty KV cache (``max_length`` positions preallocated; default: this LM's ``max_length``)."""
+        return self.transformer.new_cache(max_length or self.max_length)
+
+    def forward(
+        self, ids: torch.Tensor, key_mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """ids [B, L] -> next-token logits [B, L, vocab]. With ``cache`` the ids are positions ``cache.length``
+        onwards and the cache grows by L."""
+        start = cache.length if cache is not None else 0
+        if start + ids.shape[1] > self.max_length:
+            raise ValueError(f"positions up to {start + ids.shape[1]} exceed max_length={self.max_length}")
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        x = self.token_emb(ids) + self.pos_emb(positions)
+        return self.head(self.transformer(x, self_mask=key_mask, causal=True, cache=cache))
+
+    @torch.no_grad()
+    def generate_greedy(self, ids: torch.Tensor, new_tokens: int, use_cache: bool = True) -> torch.Tensor:
+        """ids [B, L] followed by ``new_tokens`` greedy (argmax) tokens: [B, L + new_tokens].
+
+        ``use_cache``: run each new token alone against the KV cache (one position per step) instead of the
+        whole sequence again; the tokens are the same.
+        """
+        cache = self.new_cache(ids.shape[1] + new_tokens) if use_cache else None
+        out, step_input = ids, ids
+        for _ in range(new_tokens):
+            logits = self(step_input if use_cache else out, cache=cache)[:, -1]
+            token = logits.argmax(dim=-1, keepdim=True)
+            out = torch.cat([out, token], dim=1)
+            step_input = token
+        return out

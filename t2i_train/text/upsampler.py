@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import random
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +31,14 @@ from t2i_train.data.synthetic import (
     SHAPES,
 )
 from t2i_train.errors import ConfigError
+from t2i_train.text.causal_lm import (
+    appends_eos,
+    first_line,
+    lm_max_positions,
+    load_causal_lm,
+    sampling_options,
+    seeded_generate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +173,6 @@ DEFAULT_INSTRUCTION = (
 QUERY = "Short: {prompt}\nDetailed:"
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~"))
-
-
 class CausalLMUpsampler(Upsampler):
     """A transformers causal LM continues ``instruction`` + "Short: {prompt}\\nDetailed:".
 
@@ -215,9 +213,7 @@ class CausalLMUpsampler(Upsampler):
         self.batch_size = batch_size
         self.model, self.tokenizer = load_causal_lm(str(model), dtype)
         self.model.to(device or "cpu").eval()
-        # T5-style tokenizers append EOS to every input, which would end the text before it is continued
-        probe = self.tokenizer("x")["input_ids"]
-        self.add_special_tokens = not (probe and probe[-1] == self.tokenizer.eos_token_id)
+        self.add_special_tokens = not appends_eos(self.tokenizer)
 
     def query(self, prompt: str) -> str:
         if "{prompt}" in self.instruction:
@@ -242,71 +238,24 @@ class CausalLMUpsampler(Upsampler):
         ).to(device)
         length = enc["input_ids"].shape[1]
         self._check_length(length)
-        sampling: dict[str, Any] = {"do_sample": False}
-        if self.temperature > 0:
-            sampling = {"do_sample": True, "temperature": self.temperature}
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            ids = self.model.generate(
-                **enc,
-                max_new_tokens=self.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **sampling,
-            )
+        ids = seeded_generate(
+            self.model,
+            seed,
+            **enc,
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **sampling_options(self.temperature),
+        )
         texts = self.tokenizer.batch_decode(ids[:, length:], skip_special_tokens=True)
         return [first_line(text) or prompt for text, prompt in zip(texts, prompts)]
 
     def _check_length(self, length: int) -> None:
-        limit = getattr(self.model.config, "max_position_embeddings", None)
+        limit = lm_max_positions(self.model)
         if limit and length + self.max_new_tokens > limit:
             raise ConfigError(
                 f"upsampler: instruction + prompt ({length} tokens) + max_new_tokens={self.max_new_tokens} "
                 f"exceed the LM's {limit} positions; shorten upsampler.instruction or max_new_tokens"
             )
-
-
-def first_line(text: str) -> str:
-    """The generated continuation up to its first newline, stripped."""
-    return text.strip().split("\n", 1)[0].strip()
-
-
-def load_causal_lm(name: str, dtype: str | None = None) -> tuple[Any, Any]:
-    """``AutoModelForCausalLM`` and its left-padding ``AutoTokenizer`` (with a pad token), or one ConfigError.
-
-    With ``HF_HUB_OFFLINE`` set only local directories and the Hugging Face cache are read.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(name).expanduser()
-    if path.exists():
-        name = str(path)
-    elif _looks_like_path(name):
-        raise ConfigError(f"upsampler.model={name}: no such directory (give a save_pretrained folder)")
-    options: dict[str, Any] = {"local_files_only": True} if hub_offline() else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left", **options)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=_dtype(dtype), **options)
-    except (OSError, ValueError) as exc:
-        where = (
-            "in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
-            if hub_offline()
-            else "locally or online"
-        )
-        raise ConfigError(
-            f"upsampler.model={name}: no causal LM found {where}: {str(exc).splitlines()[0]}"
-        ) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def _dtype(name: str | None) -> torch.dtype | str:
-    if name is None:
-        return "auto"
-    if not isinstance(getattr(torch, name, None), torch.dtype):
-        raise ConfigError(f"upsampler.dtype={name} is not a torch dtype (e.g. bfloat16, float16, float32)")
-    return getattr(torch, name)
 
 
 # --- factory ----------------------------------------------------------------------------------------------
