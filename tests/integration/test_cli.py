@@ -254,6 +254,7 @@ def test_train_sample_manifest_end_to_end(shards: Path, tmp_path: Path) -> None:
     assert [line["file"] for line in lines] == ["0.png", "1.png", "2.png", "3.png"]
     assert all(line["seed"] == 7 for line in lines)
     assert all((out / line["file"]).is_file() for line in lines) and (out / "grid.png").is_file()
+    _assert_labelled_grid(out, rows=2, columns=2)
     proc = run_cli("t2i_train.evaluate", "prompt_following", f"samples_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 0.0 <= json.loads(proc.stdout)["all"] <= 1.0
@@ -274,6 +275,23 @@ def test_train_sample_manifest_end_to_end(shards: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     for line in lines:
         assert (again / line["file"]).read_bytes() == (out / line["file"]).read_bytes()
+
+
+def _assert_labelled_grid(out: Path, rows: int, columns: int) -> None:
+    """grid.png shows each native 32-px sample upscaled 4x (nearest) to 128 px, its prompt beside its row."""
+    import numpy as np
+    from PIL import Image
+
+    from t2i_train.sampling import GRID_CELL, GRID_PADDING
+
+    cell, pad, side = GRID_CELL, GRID_PADDING, 2 * GRID_CELL
+    sample = np.asarray(Image.open(out / "0.png"))
+    assert sample.shape == (32, 32, 3)
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape == (pad + rows * (cell + pad), side + pad + columns * (cell + pad), 3)
+    first = grid[pad : pad + cell, side + pad : side + pad + cell]
+    assert (first == sample.repeat(4, axis=0).repeat(4, axis=1)).all()
+    assert (grid[:, :side] != 255).any(axis=-1).sum() > 50  # the prompts' text
 
 
 def test_sample_with_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
