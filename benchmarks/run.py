@@ -6,7 +6,9 @@ GALIP's single-pass generation vs tiny Muse's 12-step parallel decoding at 32²,
 (`python benchmarks/run.py galip_vs_muse` runs only that part); tiny latent diffusion's images/s with DDIM 50/20 and
 DPM-Solver++ 20/10 steps and their speed-ups over DDIM-50 (`python benchmarks/run.py diffusion`); and per-rank bytes of trainable parameters +
 optimizer state of a ~50M-parameter Muse trained by 2 CPU processes under DDP and under FSDP2, with their ratio
-(`python benchmarks/run.py memory` runs only that part).
+(`python benchmarks/run.py memory` runs only that part); and greedy decoding of 256 tokens by a decoder-only
+transformer of the shared blocks with and without the KV cache, tokens/s and their ratio (`python
+benchmarks/run.py kv_cache`).
 Numbers are wall-clock on whatever this machine is; only the ratios within one run are comparable.
 """
 
@@ -114,6 +116,35 @@ def diffusion_samplers_bench(batch_size: int = 16) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def kv_cache_bench(new_tokens: int = 256, batch_size: int = 4, prompt_tokens: int = 16) -> dict[str, float]:
+    """Tokens/s of greedy decoding ``new_tokens`` tokens after a ``prompt_tokens`` prompt with a
+    ``CausalTransformerLM`` of the shared blocks (width 256, 4 layers, a 1024-id vocabulary like a VQ codebook),
+    with the KV cache (one position per step) and without (the whole sequence every step), in one run; their
+    ratio; and whether both decoded the same tokens (1.0 = identical)."""
+    from t2i_train.nn.transformer import CausalTransformerLM
+
+    torch.manual_seed(0)
+    model = CausalTransformerLM(
+        1024, prompt_tokens + new_tokens, dim=256, depth=4, heads=4, mlp_dim=1024
+    ).eval()
+    prompt = torch.randint(0, 1024, (batch_size, prompt_tokens))
+    out: dict[str, float] = {}
+    decoded = {}
+    for name, use_cache in (("cached", True), ("uncached", False)):
+        model.generate_greedy(prompt, 8, use_cache=use_cache)  # warm-up
+        start = time.perf_counter()
+        decoded[name] = model.generate_greedy(prompt, new_tokens, use_cache=use_cache)
+        seconds = time.perf_counter() - start
+        out[f"kv_{name}_tokens_per_s_b{batch_size}_n{new_tokens}"] = batch_size * new_tokens / seconds
+    out["ratio_kv_cached_vs_uncached_tokens_per_s"] = (
+        out[f"kv_cached_tokens_per_s_b{batch_size}_n{new_tokens}"]
+        / out[f"kv_uncached_tokens_per_s_b{batch_size}_n{new_tokens}"]
+    )
+    out["kv_cached_tokens_identical"] = float(torch.equal(decoded["cached"], decoded["uncached"]))
+    return out
+
+
 # ~50M trainable parameters (12 blocks of width 512), frozen tiny T5 and tokenizer
 MUSE_50M = ["model.dim=512", "model.depth=12", "model.heads=8", "model.mlp_dim=2048"]
 
@@ -154,6 +185,8 @@ def main() -> None:
         results = galip_vs_muse_bench()
     elif sys.argv[1:] == ["diffusion"]:
         results = diffusion_samplers_bench()
+    elif sys.argv[1:] == ["kv_cache"]:
+        results = kv_cache_bench()
     else:
         results = {
             "torch_threads": torch.get_num_threads(),
@@ -161,6 +194,7 @@ def main() -> None:
             **vqgan_bench(),
             **galip_vs_muse_bench(),
             **diffusion_samplers_bench(),
+            **kv_cache_bench(),
             **sharding_memory_bench(),
         }
     width = max(len(k) for k in results)
