@@ -7,21 +7,27 @@ A training checkpoint is Lightning's ``.ckpt`` with two additions written by the
 An export (``python -m t2i_train.export``) is a folder: ``model.safetensors`` (the consolidated weights, EMA
 when the run had it), ``config.yaml`` (the resolved config) and ``export.json``. Everything that reads a
 checkpoint accepts either form. Nothing here runs code stored in a checkpoint (see ``t2i_train.checkpoint_io``).
+
+A family is rebuilt from its stored config by ``build_from_config`` (a small ``_target_`` resolver), not by
+``hydra.utils.instantiate``: model constructors read stage-1 checkpoints through this module, and the model
+layer never imports Hydra. Which config keys name stage-1 files is declared by each family
+(``Family.external_paths``), not guessed from key names.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 
 from t2i_train.checkpoint_io import check_distributed_metadata, load_torch_file, restricted_third_party_loads
-from t2i_train.errors import CheckpointError
+from t2i_train.errors import CheckpointError, ConfigError
 from t2i_train.models.base import Family
-from t2i_train.weights import no_weight_loading
+from t2i_train.models.loading import no_weight_loading
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
@@ -50,39 +56,110 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+# -------------------------------------------------------------------------------------- config -> family
+#: keys of a ``_target_`` node that are not constructor arguments (Hydra's, as far as stored configs use them)
+_RESERVED = ("_target_", "_args_", "_partial_", "_convert_", "_recursive_")
+
+
+def resolve_target(path: str) -> Any:
+    """The object a dotted ``_target_`` names (``pkg.module.Class`` or ``pkg.module.Class.method``)."""
+    parts = str(path).split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError as exc:
+            if exc.name and not ".".join(parts[:split]).startswith(exc.name):
+                raise  # the module exists but one of its own imports is missing
+            continue
+        try:
+            for name in parts[split:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            break
+        return obj
+    raise ConfigError(f"_target_ {path!r} names nothing importable")
+
+
+def build_from_config(node: Any) -> Any:
+    """Build a stored (plain-container, resolved) config: every dict with ``_target_`` is called with its other
+    keys, children first and in key order (as ``hydra.utils.instantiate(node, _convert_="all")`` does, so the
+    same global RNG draws happen); other dicts and lists are rebuilt as plain containers."""
+    if isinstance(node, dict):
+        if "_target_" not in node:
+            return {k: build_from_config(v) for k, v in node.items()}
+        target = resolve_target(node["_target_"])
+        args = [build_from_config(v) for v in node.get("_args_", [])]
+        kwargs = {k: build_from_config(v) for k, v in node.items() if k not in _RESERVED}
+        if node.get("_partial_"):
+            import functools
+
+            return functools.partial(target, *args, **kwargs)
+        return target(*args, **kwargs)
+    if isinstance(node, (list, tuple)):
+        return [build_from_config(v) for v in node]
+    return node
+
+
+def _family_class(node: Any) -> type[Family] | None:
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if not target:
+        return None
+    try:
+        cls = resolve_target(target)
+    except (ConfigError, ImportError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, Family) else None
+
+
+def upgrade_model_config(node: Any) -> Any:
+    """A stored model config in today's argument names (``Family.upgrade_config`` of its class)."""
+    cls = _family_class(node)
+    return cls.upgrade_config(dict(node)) if cls is not None else node
+
+
+def _map_external_paths(node: Any, change: Callable[[str], str | None]) -> Any:
+    """Copy of a model config with each path its family declares in ``external_paths`` (dotted, from the
+    family's own node) replaced by ``change(path)``; nested families' declarations apply under their node."""
+    if isinstance(node, list):
+        return [_map_external_paths(v, change) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _map_external_paths(v, change) for k, v in node.items()}
+    cls = _family_class(node)
+    for dotted in cls.external_paths if cls is not None else ():
+        *parents, key = dotted.split(".")
+        holder: Any = out
+        for name in parents:
+            holder = holder.get(name) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and isinstance(holder.get(key), str) and holder[key]:
+            holder[key] = change(holder[key])
+    return out
+
+
 def without_stage1_paths(node: Any) -> Any:
-    """Copy of a model config with every ``*_checkpoint`` path set to None.
+    """Copy of a model config with every stage-1 path (``Family.external_paths``) set to None.
 
     Used when the stage-1 weights are inside the checkpoint's state dict: rebuilding the architecture must
     not require the stage-1 files to still exist.
     """
-    if isinstance(node, dict):
-        return {
-            k: (None if k.endswith("_checkpoint") and isinstance(v, str) else without_stage1_paths(v))
-            for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [without_stage1_paths(v) for v in node]
-    return node
+    return _map_external_paths(node, lambda path: None)
 
 
-def absolute_stage1_paths(node: Any) -> Any:
-    """Copy of a config with every existing relative ``*_checkpoint`` path made absolute.
+def absolute_stage1_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """Copy of a run config whose model's existing relative stage-1 paths (``Family.external_paths``) are
+    made absolute.
 
     Training checkpoints name their stage-1 sources (their weights are left out, see ``load_family``), so the
     saved config must still find them when sampling runs from another working directory.
     """
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            if k.endswith("_checkpoint") and isinstance(v, str) and v and Path(v).expanduser().exists():
-                out[k] = str(Path(v).expanduser().resolve())
-            else:
-                out[k] = absolute_stage1_paths(v)
-        return out
-    if isinstance(node, list):
-        return [absolute_stage1_paths(v) for v in node]
-    return node
+
+    def absolute(path: str) -> str:
+        expanded = Path(path).expanduser()
+        return str(expanded.resolve()) if expanded.exists() else path
+
+    if not isinstance(config.get("model"), dict):
+        return config
+    return {**config, "model": _map_external_paths(config["model"], absolute)}
 
 
 def model_state_dict(ckpt: dict[str, Any], use_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -103,13 +180,17 @@ def load_family(path: str | Path, use_ema: bool = True, ckpt: dict[str, Any] | N
     (``python -m t2i_train.export``) holds everything and stands alone.
     """
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
-    external = list(ckpt.get("t2i_external") or [])
+    model_cfg = upgrade_model_config(ckpt["t2i_config"]["model"])
+    cls = _family_class(model_cfg)
+    renamed = cls.renamed_parts if cls is not None else {}
+    external = [renamed.get(name, name) for name in ckpt.get("t2i_external") or []]
     if external:
-        model = _build_with_external_weights(path, ckpt["t2i_config"]["model"], external)
-        check_external_fingerprints(model, ckpt.get("t2i_external_fingerprint", {}), path)
+        model = _build_with_external_weights(path, model_cfg, external)
+        fingerprints = ckpt.get("t2i_external_fingerprint", {})
+        check_external_fingerprints(model, {renamed.get(k, k): v for k, v in fingerprints.items()}, path)
     else:
         with no_weight_loading():
-            model = instantiate(without_stage1_paths(ckpt["t2i_config"]["model"]), _convert_="all")
+            model = build_from_config(without_stage1_paths(model_cfg))
     missing, unexpected = model.load_state_dict(model_state_dict(ckpt, use_ema), strict=False)
     prefixes = tuple(f"{name}." for name in external)
     missing = [key for key in missing if not key.startswith(prefixes)]
@@ -145,12 +226,11 @@ def check_external_fingerprints(model: Family, saved: dict[str, float], source: 
 
 def _build_with_external_weights(path: str | Path, model_cfg: dict[str, Any], external: list[str]) -> Family:
     try:
-        return instantiate(model_cfg, _convert_="all")
+        return build_from_config(model_cfg)
     except Exception as exc:
-        cause = exc.__cause__ if type(exc).__name__ == "InstantiationException" and exc.__cause__ else exc
         raise CheckpointError(
             f"{path} leaves out its frozen {', '.join(external)} weights, which come from the sources in its "
-            f"config, and they could not be loaded ({str(cause).splitlines()[0]}); restore them or use an "
+            f"config, and they could not be loaded ({(str(exc).splitlines() or [type(exc).__name__])[0]}); restore them or use an "
             "export folder (python -m t2i_train.export), which holds every weight"
         ) from exc
 

@@ -1,7 +1,9 @@
 """The generic LightningModule: one family, one loss, one optimizer.
 
 Families whose step is not "one loss, one optimizer" (GAN discriminator/generator alternation) subclass this
-task (see ``t2i_train.gan_task``) instead of adding special cases here.
+task (see ``t2i_train.gan_task``) instead of adding special cases here. A family's own validation numbers are
+not a task subclass: the task logs whatever ``Family.validation_metrics`` returns (e.g. the captioner's
+caption accuracy) as ``val/<name>``.
 """
 
 from __future__ import annotations
@@ -230,6 +232,23 @@ class T2ITask(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         terms = self.loss(self.model(batch))
         self.log_terms(terms, "val", batch_size=len(batch["caption"]), on_step=False)
+        self.log_family_metrics(batch, batch_idx)
+
+    def log_family_metrics(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """The family's ``validation_metrics`` as ``val/<name>`` epoch means (not in the sanity check)."""
+        if self.trainer.sanity_checking:
+            return
+        metrics = self.model.validation_metrics(batch, batch_idx)
+        for name, value in metrics.items():
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            self.log(
+                f"val/{name}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                batch_size=len(batch["caption"]),
+                sync_dist=True,
+            )
 
     def log_terms(
         self, terms: dict[str, torch.Tensor], prefix: str, batch_size: int | None = None, on_step: bool = True
@@ -382,12 +401,16 @@ class T2ITask(L.LightningModule):
 
     def _restore_external_weights(self, checkpoint: dict[str, Any]) -> None:
         """On resume, take the left-out frozen weights from the freshly built model (loaded from their source)."""
-        external = checkpoint.get("t2i_external") or []
+        renamed = getattr(self.model, "renamed_parts", {})  # checkpoints written before a part was renamed
+        external = [renamed.get(name, name) for name in checkpoint.get("t2i_external") or []]
         if not external or "state_dict" not in checkpoint:
             return
         from t2i_train.checkpoint import check_external_fingerprints
 
-        check_external_fingerprints(self.model, checkpoint.get("t2i_external_fingerprint", {}), "resume")
+        fingerprints = checkpoint.get("t2i_external_fingerprint", {})
+        check_external_fingerprints(
+            self.model, {renamed.get(k, k): v for k, v in fingerprints.items()}, "resume"
+        )
         prefixes = self._external_prefixes(external)
         state = checkpoint["state_dict"]
         for key, value in self.state_dict().items():

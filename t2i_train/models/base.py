@@ -6,12 +6,17 @@ A family is an ``nn.Module`` that
 - lists the loss classes it accepts in ``accepted_losses`` (checked once at start-up);
 - generates images with ``generate(prompts, **sampling) -> Tensor[B, 3, H, W]`` in [0, 1];
 - keeps its frozen parts (text encoders, tokenizers, CLIP, LLMs) registered through ``freeze(module)``: they
-  stay in eval mode, take no gradient and are left out of ``trainable_parameters()``.
+  stay in eval mode, take no gradient and are left out of ``trainable_parameters()``;
+- declares which of its constructor arguments are stage-1 file paths (``external_paths``), so checkpoint
+  readers can drop them or make them absolute; stage-1 parts are attached with
+  ``t2i_train.models.stage1.attach_stage1``;
+- may add validation numbers through ``validation_metrics`` (logged by the generic task as ``val/<name>``);
+- says what else it can do by implementing the methods of ``t2i_train.models.capabilities``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -32,6 +37,13 @@ class Family(nn.Module):
     #: The repeated blocks of the trained network: the unit of FSDP wrapping / FSDP2 sharding, activation
     #: checkpointing and per-block ``torch.compile`` (``strategy.auto_wrap_policy: family``, ``compile=true``).
     block_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: Constructor arguments that are paths of stage-1 checkpoints, dotted from the family's config node
+    #: (``"vae_checkpoint"``, ``"clip.checkpoint"``): left out when a checkpoint is rebuilt from its own
+    #: weights, made absolute when a run config is saved (``t2i_train.checkpoint``).
+    external_paths: ClassVar[tuple[str, ...]] = ()
+    #: Old name -> new name of renamed sub-modules, buffers and config keys: older checkpoints' state dicts,
+    #: external-part lists and configs are read under the new names (``upgrade_config``, ``load_family``).
+    renamed_parts: ClassVar[dict[str, str]] = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -100,6 +112,29 @@ class Family(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def validation_metrics(self, batch: dict[str, Any], batch_index: int) -> dict[str, float | torch.Tensor]:
+        """Extra numbers for this validation batch, logged by the task as ``val/<name>`` (epoch means).
+
+        Called in eval mode after the loss, except during Lightning's sanity check (an untrained model's
+        numbers are noise and can be slow: an LM decodes to its token limit). Default: none.
+        """
+        return {}
+
+    @classmethod
+    def upgrade_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """A stored model config (plain containers) in today's argument names: ``renamed_parts`` applied to
+        its top-level keys. Families whose arguments changed shape extend this."""
+        return {cls.renamed_parts.get(k, k): v for k, v in config.items()}
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """Read keys written under an old sub-module / buffer name (``renamed_parts``) under the new one."""
+        for old, new in self.renamed_parts.items():
+            for key in [k for k in state_dict if k.startswith(f"{prefix}{old}.") or k == f"{prefix}{old}"]:
+                state_dict[prefix + new + key[len(prefix) + len(old) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def can(cls, capability: str) -> bool:

@@ -7,7 +7,7 @@ Usage::
 
     model = build_open_clip()                                   # tiny random CLIP (32², patch 8), no download
     model = build_open_clip("ViT-B-32", pretrained="openai")    # downloads, unless under no_weight_loading()
-    clip = load_frozen_clip(clip_checkpoint="runs/clip/checkpoints/last.ckpt")  # a model=clip run (or export)
+    clip = load_frozen_clip(checkpoint="runs/clip/checkpoints/last.ckpt")  # a model=clip run (or export)
     text = clip.encode_text(["a red circle in the top left"])   # [B, embed_dim], L2-normalised
     image = clip.encode_image(images)                           # images [B,3,H,W] in [-1, 1] -> [B, embed_dim]
     clip.model.visual                                           # the open_clip VisionTransformer itself
@@ -15,12 +15,14 @@ Usage::
 Architecture: an open_clip name (``model_name="ViT-B-32"``; ``pretrained`` a tag such as ``openai``) or a dict
 ``{embed_dim, vision_cfg, text_cfg}`` given to ``open_clip.CLIP`` (default: ``TINY_CLIP_CONFIG``). Random
 weights come from a private RNG seeded with ``init_seed``, so every process builds the same CLIP. Nothing is
-downloaded unless a ``pretrained`` tag is given, weight loading is enabled (``t2i_train.weights``) and the
+downloaded unless a ``pretrained`` tag is given, weight loading is enabled (``t2i_train.models.loading``) and the
 model is not being built on the meta device.
 
-A frozen CLIP loaded from a ``clip_checkpoint`` keeps the architecture of its arguments (model_name / config,
-the tiny default when both are None) and takes the checkpoint's weights, so a stage-2 checkpoint rebuilt from
-its config (where ``*_checkpoint`` paths are dropped) has the same modules; a mismatch is a ConfigError.
+A frozen CLIP loaded from a ``checkpoint`` keeps the architecture of its arguments (model_name / config, the
+tiny default when both are None) and takes the checkpoint's weights, so a stage-2 checkpoint rebuilt from its
+config (where stage-1 paths are dropped) has the same modules; a mismatch is a ConfigError. Stage-2 families
+(GALIP, the captioner) take it as one config node, ``clip: {_target_: t2i_train.models.clip.load_frozen_clip,
+checkpoint, model_name, pretrained, config, context_length, init_seed}``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import open_clip
@@ -39,7 +42,7 @@ from torch import nn
 from t2i_train.errors import ConfigError
 from t2i_train.losses.clip_contrastive import CLIPContrastive
 from t2i_train.models.base import Family
-from t2i_train.weights import no_weight_loading, weight_loading_enabled
+from t2i_train.models.loading import no_weight_loading, weight_loading_enabled
 
 #: The tiny CLIP of the shapes world: 32² images as a 4x4 grid of 8px patches, 4 ViT blocks of width 64
 #: (4 heads), a 2-block text transformer over open_clip's BPE vocabulary (shipped in the package).
@@ -196,10 +199,12 @@ class FrozenCLIP(nn.Module):
     Always in eval mode and without gradients to its weights; gradients still flow to input images.
     """
 
-    def __init__(self, model: nn.Module, model_name: str | None = None) -> None:
+    def __init__(self, model: nn.Module, model_name: str | None = None, has_weights: bool = False) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.model_name = model_name
+        #: its weights come from outside the run (a checkpoint or pretrained tag was named), not random
+        self.has_weights = bool(has_weights)
 
     def train(self, mode: bool = True) -> FrozenCLIP:
         super().train(mode)
@@ -244,13 +249,13 @@ class FrozenCLIP(nn.Module):
 
 def _checkpoint_clip_state(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The open_clip weights (and model config) of a ``clip`` training checkpoint or export folder."""
-    from t2i_train.checkpoint import model_state_dict, read_checkpoint  # lazy: imports Hydra
+    from t2i_train.checkpoint import model_state_dict, read_checkpoint  # lazy: reads checkpoints
 
     ckpt = read_checkpoint(path)
     model_cfg = ckpt["t2i_config"].get("model") or {}
     target = str(model_cfg.get("_target_", ""))
     if not target.endswith(f"{__name__}.{CLIPFamily.__name__}"):
-        raise ConfigError(f"clip_checkpoint {path} holds a {target or 'non-t2i'} model, not model=clip")
+        raise ConfigError(f"clip checkpoint {path} holds a {target or 'non-t2i'} model, not model=clip")
     state = {k[len("clip.") :]: v for k, v in model_state_dict(ckpt).items() if k.startswith("clip.")}
     return state, model_cfg
 
@@ -260,7 +265,7 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, a
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ConfigError(
-            f"clip_checkpoint {path} does not fit the configured CLIP ({str(exc).splitlines()[-1].strip()}); "
+            f"clip checkpoint {path} does not fit the configured CLIP ({str(exc).splitlines()[-1].strip()}); "
             f"make the clip's model_name/config describe the checkpoint's CLIP: {arch}"
         ) from exc
 
@@ -278,30 +283,63 @@ def frozen_clip_from_checkpoint(path: str) -> FrozenCLIP:
     with no_weight_loading():
         model = build_open_clip(**arch)
     _load_weights(model, state, path, arch)
-    return FrozenCLIP(model, arch.get("model_name"))
+    return FrozenCLIP(model, arch.get("model_name"), has_weights=True)
 
 
 def load_frozen_clip(
-    clip_checkpoint: str | None = None,
+    checkpoint: str | None = None,
     model_name: str | None = None,
     pretrained: str | None = None,
     config: dict[str, Any] | None = None,
     context_length: int = 32,
     init_seed: int = 0,
 ) -> FrozenCLIP:
-    """A frozen CLIP: weights from ``clip_checkpoint`` (a ``model=clip`` .ckpt or export folder; only while
-    weight loading is enabled), else from ``pretrained``, else random from ``init_seed``.
+    """A frozen CLIP: weights from ``checkpoint`` (a ``model=clip`` .ckpt or export folder; only while weight
+    loading is enabled), else from ``pretrained``, else random from ``init_seed``.
 
-    The architecture is always the one the arguments describe (see ``build_open_clip``).
+    The architecture is always the one the arguments describe (see ``build_open_clip``). ``has_weights`` of
+    the result says whether a checkpoint or a pretrained tag was named (whether or not loading was on).
     """
-    if clip_checkpoint and weight_loading_enabled():
+    if checkpoint and weight_loading_enabled():
         with no_weight_loading():  # the checkpoint's weights replace any pretrained ones: skip the download
             model = build_open_clip(model_name, pretrained, config, context_length, init_seed)
-        state, model_cfg = _checkpoint_clip_state(clip_checkpoint)
-        _load_weights(model, state, clip_checkpoint, _architecture(model_cfg))
+        state, model_cfg = _checkpoint_clip_state(checkpoint)
+        _load_weights(model, state, checkpoint, _architecture(model_cfg))
     else:
         model = build_open_clip(model_name, pretrained, config, context_length, init_seed)
-    return FrozenCLIP(model, model_name)
+    return FrozenCLIP(model, model_name, has_weights=bool(checkpoint or pretrained))
+
+
+def frozen_clip(clip: FrozenCLIP | Mapping[str, Any] | None) -> FrozenCLIP:
+    """A stage-2 family's ``clip`` argument as a FrozenCLIP: built already (from a config node's ``_target_``),
+    or the ``load_frozen_clip`` arguments as a mapping (None: the tiny random CLIP)."""
+    if isinstance(clip, FrozenCLIP):
+        return clip
+    if clip is None or isinstance(clip, Mapping):
+        options = {k: v for k, v in dict(clip or {}).items() if k != "_target_"}
+        return load_frozen_clip(**options)
+    raise ConfigError(f"model.clip must be a CLIP config node or a FrozenCLIP, got {type(clip).__name__}")
+
+
+#: the flat arguments stage-2 families took before their CLIP became one config node -> that node's keys
+LEGACY_CLIP_KEYS: dict[str, str] = {
+    "clip_checkpoint": "checkpoint",
+    "clip_model_name": "model_name",
+    "clip_pretrained": "pretrained",
+    "clip_config": "config",
+    "clip_context_length": "context_length",
+    "clip_init_seed": "init_seed",
+}
+
+
+def nest_clip_keys(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored stage-2 model config with its old flat ``clip_*`` keys folded into one ``clip`` node."""
+    config = dict(config)
+    if not any(key in config for key in LEGACY_CLIP_KEYS):
+        return config
+    node = {"_target_": f"{__name__}.{load_frozen_clip.__name__}"}
+    node.update({new: config.pop(old) for old, new in LEGACY_CLIP_KEYS.items() if old in config})
+    return {**config, "clip": node}
 
 
 # ------------------------------------------------------------------------------------------------ family
@@ -380,4 +418,8 @@ class CLIPFamily(Family):
 
     def frozen_copy(self) -> FrozenCLIP:
         """A frozen copy of the current CLIP (for evaluation or scoring); this family stays trainable."""
-        return FrozenCLIP(copy.deepcopy(self.clip), self.model_name)
+        return FrozenCLIP(copy.deepcopy(self.clip), self.model_name, has_weights=True)
+
+    def clip_scorer(self) -> FrozenCLIP:
+        """The CLIP score's scorer: a frozen copy of this CLIP (capability ``clip_scorer``)."""
+        return self.frozen_copy()

@@ -18,7 +18,6 @@ training batch's latents (averaged over ranks) and stored in the checkpoint.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -27,9 +26,10 @@ from torch import nn
 from t2i_train.errors import ConfigError, DataError
 from t2i_train.losses.diffusion_mse import DiffusionMSE
 from t2i_train.models.base import Family
+from t2i_train.models.loading import weight_loading_enabled
+from t2i_train.models.stage1 import attach_stage1, warn_random_stage1
 from t2i_train.nn.guidance import apply_cfg
 from t2i_train.text.base import TextEncoder, pad_condition
-from t2i_train.weights import weight_loading_enabled
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class LatentDiffusion(Family):
 
     family_name: ClassVar[str] = "diffusion"
     accepted_losses: ClassVar[tuple[type[nn.Module], ...]] = (DiffusionMSE,)
+    external_paths: ClassVar[tuple[str, ...]] = ("vae_checkpoint",)
 
     def __init__(
         self,
@@ -117,12 +118,19 @@ class LatentDiffusion(Family):
         self.text_encoder = text_encoder
         self.vae = vae
         self.vae_checkpoint = vae_checkpoint
-        self.register_buffer("vae_trained", torch.tensor(bool(getattr(vae, "loaded_pretrained", False))))
-        loaded = bool(vae_checkpoint and weight_loading_enabled())
-        if loaded:
-            self._load_vae(vae_checkpoint)
+        vae_pretrained = bool(getattr(vae, "loaded_pretrained", False))
+        self.register_buffer("vae_trained", torch.tensor(vae_pretrained))
         self.freeze("text_encoder", external=bool(getattr(text_encoder, "loaded_pretrained", False)))
-        self.freeze("vae", external=loaded or bool(getattr(vae, "loaded_pretrained", False)))
+        if attach_stage1(
+            self,
+            "vae",
+            vae_checkpoint,
+            option="vae_checkpoint",
+            kind="VAE",
+            strict=True,
+            from_source=vae_pretrained,
+        ):
+            self.vae_trained.fill_(True)
 
         channels, side, _ = vae.latent_shape(image_size)
         self.image_size, self.latent_channels, self.latent_side = image_size, channels, side
@@ -162,7 +170,6 @@ class LatentDiffusion(Family):
             CrossAttnUpBlock2D,
             UpBlock2D,
         )
-        self._vae_checked = False
 
     @staticmethod
     def _unet_config(config: dict[str, Any], channels: int, side: int) -> dict[str, Any]:
@@ -172,20 +179,6 @@ class LatentDiffusion(Family):
         config.setdefault("out_channels", channels)
         config.setdefault("sample_size", side)
         return config
-
-    def _load_vae(self, path: str) -> None:
-        """Copy a ``model=vae`` checkpoint's weights into the configured VAE (which must describe it)."""
-        from t2i_train.checkpoint import load_family
-
-        source = load_family(path)
-        try:
-            self.vae.load_state_dict(source.state_dict())
-        except RuntimeError as exc:
-            raise ConfigError(
-                f"vae_checkpoint {path} does not fit model.vae ({str(exc).splitlines()[0].strip()}); "
-                "make model.vae describe the checkpoint's VAE"
-            ) from exc
-        self.vae_trained.fill_(True)
 
     # ----------------------------------------------------------------------------------------- encoding
     @torch.no_grad()
@@ -279,17 +272,13 @@ class LatentDiffusion(Family):
         return emb, mask.bool()
 
     def _warn_if_untrained_vae(self) -> None:
-        if not self.training or self._vae_checked:
-            return
-        self._vae_checked = True
-        if bool(self.vae_trained):
-            return
-        message = (
-            "DIFFUSION IS TRAINING ON THE LATENTS OF A RANDOMLY INITIALISED VAE: set model.vae_checkpoint=<vae "
-            ".ckpt> (train one with model=vae) or feed pre-encoded latents; generated images will be noise"
-        )
-        warnings.warn(message, stacklevel=3)
-        log.warning(message)
+        if self.training and not bool(self.vae_trained):
+            warn_random_stage1(
+                self,
+                "vae",
+                "DIFFUSION IS TRAINING ON THE LATENTS OF A RANDOMLY INITIALISED VAE: set model.vae_checkpoint=<vae "
+                ".ckpt> (train one with model=vae) or feed pre-encoded latents; generated images will be noise",
+            )
 
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()

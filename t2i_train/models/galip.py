@@ -2,7 +2,7 @@
 
 Parts (top-level children, as ``python -m t2i_train.summary`` lists them):
 
-- ``clip``: the frozen CLIP (``t2i_train.models.clip.load_frozen_clip``). Text: the sentence embedding
+- ``clip``: the frozen CLIP (one config node built by ``t2i_train.models.clip.load_frozen_clip``). Text: the sentence embedding
   ``e`` = the EOT feature through the text projection, *not* L2-normalised (as the authors' code feeds it;
   ``normalize_text=True`` normalises). Images in [-1, 1] are resized to CLIP's input size and
   CLIP-normalised (``FrozenCLIP.preprocess``); ``clip_double_rescale=True`` reproduces the official code,
@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +44,10 @@ from torch import nn
 from t2i_train.errors import ConfigError
 from t2i_train.losses.gan_hinge_magp import GanHingeMAGP
 from t2i_train.models.base import Family
+from t2i_train.models.stage1 import warn_random_stage1
+
+if TYPE_CHECKING:
+    from t2i_train.models.clip import FrozenCLIP
 
 log = logging.getLogger(__name__)
 
@@ -264,13 +267,15 @@ class GALIP(Family):
     """GALIP with its frozen CLIP.
 
     Args:
-        clip_checkpoint: a ``model=clip`` training checkpoint or export folder (the tiny CLIP trained here);
-            its weights replace the CLIP described by ``clip_model_name`` / ``clip_config``.
-        clip_model_name, clip_pretrained: an open_clip architecture (``ViT-B-32``) and weights tag
-            (``openai``); ``clip_config``: a ``{embed_dim, vision_cfg, text_cfg}`` dict instead (null with no
-            name: the tiny CLIP of ``t2i_train.models.clip``). No checkpoint and no tag: random weights from
-            ``clip_init_seed`` (a loud warning at the first step; only for smoke tests).
-        clip_context_length: text tokens (dict configs only; named models keep theirs).
+        clip: the frozen CLIP: a ``FrozenCLIP`` (what the config node ``clip: {_target_:
+            t2i_train.models.clip.load_frozen_clip, ...}`` builds) or that node's arguments as a mapping (None:
+            the tiny random CLIP). Its ``checkpoint`` is a ``model=clip`` training checkpoint or export folder
+            (the tiny CLIP trained here) whose weights replace the CLIP described by ``model_name`` /
+            ``config``; ``model_name`` + ``pretrained``: an open_clip architecture (``ViT-B-32``) and weights
+            tag (``openai``); ``config``: a ``{embed_dim, vision_cfg, text_cfg}`` dict instead (null with no
+            name: the tiny CLIP of ``t2i_train.models.clip``); ``context_length``: text tokens (dict configs
+            only). No checkpoint and no tag: random weights from ``init_seed`` (a loud warning at the first
+            step; only for smoke tests).
         image_size: output side in pixels (224 in the paper, 32 tiny).
         nz: noise dimension; ngf: generator base width; code_channels / mid_channels / num_mblocks: the
             bridge-feature predictor (64 / 32 / 4 in the paper).
@@ -286,15 +291,11 @@ class GALIP(Family):
     accepted_losses: ClassVar[tuple[type[nn.Module], ...]] = (GanHingeMAGP,)
     task_class: ClassVar[str] = "t2i_train.gan_task.GANTask"
     block_classes: ClassVar[tuple[type[nn.Module], ...]] = (GBlock, MBlock, DBlock)
+    external_paths: ClassVar[tuple[str, ...]] = ("clip.checkpoint",)
 
     def __init__(
         self,
-        clip_checkpoint: str | None = None,
-        clip_model_name: str | None = None,
-        clip_pretrained: str | None = None,
-        clip_config: dict[str, Any] | None = None,
-        clip_context_length: int = 32,
-        clip_init_seed: int = 0,
+        clip: FrozenCLIP | Mapping[str, Any] | None = None,
         image_size: int = 32,
         nz: int = 16,
         ngf: int = 8,
@@ -310,20 +311,12 @@ class GALIP(Family):
         clip_double_rescale: bool = False,
     ) -> None:
         super().__init__()
-        from t2i_train.models.clip import load_frozen_clip  # the CLIP family module (open_clip)
+        from t2i_train.models.clip import frozen_clip  # the CLIP family module (open_clip)
 
-        self.clip = load_frozen_clip(
-            clip_checkpoint,
-            clip_model_name,
-            clip_pretrained,
-            clip_config,
-            clip_context_length,
-            clip_init_seed,
-        )
+        self.clip = frozen_clip(clip)
         #: the CLIP's weights come from a stage-1 checkpoint or a pretrained tag (not from this run)
-        self.clip_has_weights = bool(clip_checkpoint or clip_pretrained)
+        self.clip_has_weights = self.clip.has_weights
         self.freeze("clip", external=self.clip_has_weights)
-        self._warned_random_clip = False
         self.normalize_text = normalize_text
         self.clip_double_rescale = clip_double_rescale
         self.image_size, self.nz = image_size, nz
@@ -455,16 +448,25 @@ class GALIP(Family):
         }
 
     def _warn_if_random_clip(self) -> None:
-        if not self.training or self._warned_random_clip or self.clip_has_weights:
-            return
-        self._warned_random_clip = True
-        message = (
-            "GALIP IS TRAINING THROUGH A RANDOMLY INITIALISED CLIP: set model.clip_checkpoint=<clip .ckpt> "
-            "(train one with model=clip) or model.clip_model_name=ViT-B-32 model.clip_pretrained=openai; "
-            "text conditioning and the CLIP alignment term mean little"
-        )
-        warnings.warn(message, stacklevel=3)
-        log.warning(message)
+        if self.training and not self.clip_has_weights:
+            warn_random_stage1(
+                self,
+                "clip",
+                "GALIP IS TRAINING THROUGH A RANDOMLY INITIALISED CLIP: set model.clip.checkpoint=<clip .ckpt> "
+                "(train one with model=clip) or model.clip.model_name=ViT-B-32 model.clip.pretrained=openai "
+                "model.clip.config=null; text conditioning and the CLIP alignment term mean little",
+            )
+
+    @classmethod
+    def upgrade_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Configs from before the CLIP was one node (flat ``clip_*`` keys) read as today's."""
+        from t2i_train.models.clip import nest_clip_keys
+
+        return nest_clip_keys(super().upgrade_config(config))
+
+    def clip_scorer(self) -> FrozenCLIP:
+        """The frozen CLIP it trains through, as the CLIP score's scorer (capability ``clip_scorer``)."""
+        return self.clip
 
     # ------------------------------------------------------------------------------------------ sampling
     def _noise(self, n: int, seed: int | None, generator: torch.Generator | None) -> torch.Tensor:

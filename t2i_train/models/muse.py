@@ -1,6 +1,7 @@
 """Muse (Chang et al. 2023), base stage: a masked generative transformer over VQ image tokens.
 
-Training: the frozen VQ tokenizer turns an image into N tokens; a cosine-distributed number of them is
+Training: the frozen VQ image tokenizer (``image_tokenizer``, a VQGAN; not the text tokenizer, which lives
+inside ``text_encoder``) turns an image into N tokens; a cosine-distributed number of them is
 replaced by [MASK] (id = codebook size); the transformer — self-attention over image tokens, cross-attention
 to the projected frozen T5 embeddings, MLP — predicts the masked tokens (``MaskedCrossEntropy``). The text
 condition is dropped for ``cond_drop_prob`` of the samples so classifier-free guidance works at sampling.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -27,10 +27,10 @@ from torch import nn
 from t2i_train.errors import ConfigError, DataError
 from t2i_train.losses.masked_ce import MaskedCrossEntropy
 from t2i_train.models.base import Family
+from t2i_train.models.stage1 import attach_stage1, warn_random_stage1
 from t2i_train.nn.guidance import GUIDANCE_SCHEDULES, apply_cfg, guidance_scale_at
 from t2i_train.nn.transformer import Transformer, TransformerBlock
 from t2i_train.text.base import TextEncoder, pad_condition
-from t2i_train.weights import weight_loading_enabled
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,15 @@ def gumbel_noise(shape: torch.Size, device: torch.device, generator: torch.Gener
 
 # ------------------------------------------------------------------------------------------------ family
 class Muse(Family):
-    """Muse base transformer with its frozen text encoder and frozen VQ tokenizer.
+    """Muse base transformer with its frozen text encoder and frozen VQ image tokenizer.
 
     Args:
-        text_encoder: frozen ``TextEncoder`` (T5); its ``dim`` sizes the trainable text projection.
-        tokenizer: frozen VQ image tokenizer with ``encode_to_indices(images [-1,1]) -> [B,h,w]``,
-            ``decode_indices(idx) -> images [-1,1]``, ``codebook_size`` and ``downsample_factor``.
-        tokenizer_checkpoint: a stage-1 training checkpoint whose family replaces ``tokenizer`` (only while
-            weight loading is enabled).
+        text_encoder: frozen ``TextEncoder`` (T5, with its own text tokenizer); its ``dim`` sizes the
+            trainable text projection.
+        image_tokenizer: frozen VQ image tokenizer (a VQGAN) with ``encode_to_indices(images [-1,1]) ->
+            [B,h,w]``, ``decode_indices(idx) -> images [-1,1]``, ``codebook_size`` and ``downsample_factor``.
+        image_tokenizer_checkpoint: a ``model=vqgan`` training checkpoint or export whose weights fill
+            ``image_tokenizer`` (only while weight loading is enabled).
         image_size: image side in pixels; N = (image_size / downsample_factor)² tokens.
         dim, depth, heads, mlp_dim, dropout, dim_head: transformer size.
         cond_drop_prob: fraction of training samples whose text condition is dropped (for CFG).
@@ -98,18 +99,25 @@ class Muse(Family):
     family_name: ClassVar[str] = "muse"
     accepted_losses: ClassVar[tuple[type[nn.Module], ...]] = (MaskedCrossEntropy,)
     block_classes: ClassVar[tuple[type[nn.Module], ...]] = (TransformerBlock,)
+    external_paths: ClassVar[tuple[str, ...]] = ("image_tokenizer_checkpoint",)
+    #: before the image tokenizer was named for what it is (checkpoints and configs of that time still load)
+    renamed_parts: ClassVar[dict[str, str]] = {
+        "tokenizer": "image_tokenizer",
+        "tokenizer_checkpoint": "image_tokenizer_checkpoint",
+        "tokenizer_trained": "image_tokenizer_trained",
+    }
 
     def __init__(
         self,
         text_encoder: TextEncoder,
-        tokenizer: nn.Module,
+        image_tokenizer: nn.Module,
         image_size: int = 32,
         dim: int = 128,
         depth: int = 4,
         heads: int = 4,
         mlp_dim: int = 512,
         dropout: float = 0.0,
-        tokenizer_checkpoint: str | None = None,
+        image_tokenizer_checkpoint: str | None = None,
         cond_drop_prob: float = 0.1,
         cond_drop_mode: str = "empty",
         dim_head: int | None = None,
@@ -123,22 +131,28 @@ class Muse(Family):
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ConfigError(f"model.cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
         self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
-        self.tokenizer_checkpoint = tokenizer_checkpoint
-        # persistent flag: True once the tokenizer holds trained weights (saved with the model's checkpoint)
-        self.register_buffer("tokenizer_trained", torch.tensor(False))
-        loaded = bool(tokenizer_checkpoint and weight_loading_enabled())
-        if loaded:
-            self._load_tokenizer(tokenizer_checkpoint)
+        self.image_tokenizer = image_tokenizer
+        self.image_tokenizer_checkpoint = image_tokenizer_checkpoint
+        # persistent flag: True once the image tokenizer holds trained weights (saved with the checkpoint)
+        self.register_buffer("image_tokenizer_trained", torch.tensor(False))
         # weights from a pretrained name / stage-1 checkpoint stay out of training checkpoints (see checkpoint.py)
         self.freeze("text_encoder", external=bool(getattr(text_encoder, "loaded_pretrained", False)))
-        self.freeze("tokenizer", external=loaded)
+        # the configured VQGAN keeps its architecture and takes the checkpoint's weights (its discriminator, if
+        # any, is left behind)
+        if attach_stage1(
+            self,
+            "image_tokenizer",
+            image_tokenizer_checkpoint,
+            option="image_tokenizer_checkpoint",
+            kind="VQGAN",
+        ):
+            self.image_tokenizer_trained.fill_(True)
 
-        self.codebook_size = int(_required_attr(self.tokenizer, "codebook_size"))
-        factor = int(_required_attr(self.tokenizer, "downsample_factor"))
+        self.codebook_size = int(_required_attr(self.image_tokenizer, "codebook_size"))
+        factor = int(_required_attr(self.image_tokenizer, "downsample_factor"))
         if image_size % factor:
             raise ConfigError(
-                f"model.image_size={image_size} is not a multiple of the tokenizer's f={factor}"
+                f"model.image_size={image_size} is not a multiple of the image tokenizer's f={factor}"
             )
         self.image_size = image_size
         self.grid = image_size // factor
@@ -165,7 +179,6 @@ class Muse(Family):
         )
         self.head = nn.Linear(dim, self.codebook_size)
         self._init_weights()
-        self._tokenizer_checked = False
 
     # ------------------------------------------------------------------------------------------- set-up
     def _init_weights(self) -> None:
@@ -178,31 +191,6 @@ class Muse(Family):
                 if isinstance(m, nn.Linear) and m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def _load_tokenizer(self, path: str) -> None:
-        """Copy the stage-1 checkpoint's weights into the configured tokenizer.
-
-        The configured architecture is kept (rather than swapping in the checkpoint's module) because a Muse
-        checkpoint is later rebuilt from its config with ``tokenizer_checkpoint`` dropped: config and weights
-        must agree, and a mismatch is reported here, at start-up. Extra stage-1 parts (a GAN discriminator)
-        are left behind.
-        """
-        from t2i_train.checkpoint import load_family  # lazy: the checkpoint reader builds configs with Hydra
-
-        state = load_family(path).state_dict()
-        try:
-            missing, _ = self.tokenizer.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # shape mismatches
-            raise ConfigError(
-                f"tokenizer_checkpoint {path} does not fit model.tokenizer ({str(exc).splitlines()[-1].strip()}); "
-                "make model.tokenizer describe the checkpoint's VQGAN"
-            ) from exc
-        if missing:
-            raise ConfigError(
-                f"tokenizer_checkpoint {path} lacks {len(missing)} weights of model.tokenizer (e.g. {missing[0]}); "
-                "make model.tokenizer describe the checkpoint's VQGAN"
-            )
-        self.tokenizer_trained.fill_(True)
-
     # ----------------------------------------------------------------------------------------- encoding
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,13 +199,13 @@ class Muse(Family):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B,3,H,W] in [-1, 1] → token ids [B, N]."""
-        idx = self.tokenizer.encode_to_indices(images)
+        idx = self.image_tokenizer.encode_to_indices(images)
         return self._check_tokens(idx)
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [B, N] → images [B,3,H,W] in [0, 1]."""
-        images = self.tokenizer.decode_indices(tokens.view(-1, self.grid, self.grid))
+        images = self.image_tokenizer.decode_indices(tokens.view(-1, self.grid, self.grid))
         return ((images.float() + 1) / 2).clamp(0, 1)
 
     def _check_tokens(self, idx: torch.Tensor) -> torch.Tensor:
@@ -270,7 +258,7 @@ class Muse(Family):
                 torch.as_tensor(batch["image_tokens"]).to(self.token_emb.weight.device)
             )
         else:
-            self._warn_if_untrained_tokenizer()
+            self._warn_if_untrained_image_tokenizer()
             tokens = self.encode_images(batch["image"])
         if "text_emb" in batch:
             text_emb = batch["text_emb"]
@@ -288,19 +276,16 @@ class Muse(Family):
         inputs = tokens.masked_fill(mask, self.mask_token_id)
         return {"logits": self.logits(inputs, text_emb, text_mask), "targets": tokens, "mask": mask}
 
-    def _warn_if_untrained_tokenizer(self) -> None:
-        """Once per instance, at the first training step: is the image tokenizer a trained one?"""
-        if not self.training or self._tokenizer_checked:
-            return
-        self._tokenizer_checked = True
-        if bool(self.tokenizer_trained):
-            return
-        message = (
-            "MUSE IS TRAINING ON A RANDOMLY INITIALISED IMAGE TOKENIZER: set model.tokenizer_checkpoint=<vqgan "
-            ".ckpt> (train one with model=vqgan) or feed pre-encoded image_tokens; generated images will be noise"
-        )
-        warnings.warn(message, stacklevel=3)
-        log.warning(message)
+    def _warn_if_untrained_image_tokenizer(self) -> None:
+        """Once per instance, in training: is the image tokenizer a trained one?"""
+        if self.training and not bool(self.image_tokenizer_trained):
+            warn_random_stage1(
+                self,
+                "image_tokenizer",
+                "MUSE IS TRAINING ON A RANDOMLY INITIALISED IMAGE TOKENIZER: set model.image_tokenizer_checkpoint="
+                "<vqgan .ckpt> (train one with model=vqgan) or feed pre-encoded image_tokens; generated images "
+                "will be noise",
+            )
 
     # ------------------------------------------------------------------------------------------ sampling
     @staticmethod
@@ -455,6 +440,6 @@ def _generator(
 def _required_attr(module: nn.Module, name: str) -> Any:
     if not hasattr(module, name):
         raise ConfigError(
-            f"muse's tokenizer {type(module).__name__} has no `{name}`; use a VQ tokenizer (vqgan)"
+            f"muse's image_tokenizer {type(module).__name__} has no `{name}`; use a VQ image tokenizer (vqgan)"
         )
     return getattr(module, name)

@@ -19,7 +19,7 @@ from torch import nn
 from t2i_train.errors import ConfigError
 from t2i_train.losses.vae import VAELoss
 from t2i_train.models.base import Family
-from t2i_train.weights import weight_loading_enabled
+from t2i_train.models.loading import weight_loading_enabled
 
 
 def build_autoencoder_kl(
@@ -34,7 +34,7 @@ def build_autoencoder_kl(
 ) -> tuple[nn.Module, bool]:
     """(AutoencoderKL, whether pretrained weights were loaded).
 
-    With ``pretrained`` but weight loading switched off (``t2i_train.weights.no_weight_loading``), only the
+    With ``pretrained`` but weight loading switched off (``t2i_train.models.loading.no_weight_loading``), only the
     named model's config is read and the architecture is built with random weights.
     """
     from diffusers import AutoencoderKL

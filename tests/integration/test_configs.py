@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from t2i_train.checkpoint import resolve_target
 from t2i_train.cli.common import CONF_DIR
-from t2i_train.cli.train import train
-from t2i_train.weights import no_weight_loading
+from t2i_train.models.loading import no_weight_loading
+from t2i_train.training import train
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -75,11 +77,13 @@ def _two_step_overrides(tmp_path: Path, small_data_overrides: list[str]) -> list
 
 def _train_two_steps(overrides: list[str], tmp_path: Path) -> None:
     cfg = compose_train(overrides)
+    family = resolve_target(cfg.model._target_)
     with open_dict(cfg):
-        few_steps = cfg.model._target_.endswith(("Muse", "LatentDiffusion"))
-        cfg.sampling.kwargs = {"steps": 2} if few_steps else {}
-        if cfg.model._target_.endswith("Captioner"):  # an untrained LM decodes to the token limit
-            cfg.task = {"caption_eval_images": 2, "caption_eval_tokens": 16}
+        # what the family declares, not its name: a sampler with steps (Muse, diffusion) samples with 2
+        takes_steps = family.can("generate") and "steps" in inspect.signature(family.generate).parameters
+        cfg.sampling.kwargs = {"steps": 2} if takes_steps else {}
+        if "validation_caption_tokens" in cfg.model:  # an untrained LM decodes to the token limit
+            cfg.model.validation_captions, cfg.model.validation_caption_tokens = 2, 16
     result = train(cfg)
     assert result["global_step"] == 2
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -117,8 +121,8 @@ GPU_ONLY = {s for s in STRATEGIES if s.startswith(("fsdp", "deepspeed")) and s !
 def test_every_strategy_builds_or_refuses_cpu_with_one_line(name: str) -> None:
     """GPU-only strategies stop with a clear ConfigError on a CPU trainer; the others build with the family's
     blocks and frozen parts wired in."""
-    from t2i_train.cli.train import build_strategy
     from t2i_train.errors import ConfigError
+    from t2i_train.training import build_strategy
 
     cfg = compose_train([f"strategy={name}", "model=muse", "trainer.accelerator=cpu", "trainer.devices=2"])
     with no_weight_loading(), torch.device("meta"):
@@ -141,8 +145,8 @@ def test_every_strategy_builds_or_refuses_cpu_with_one_line(name: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs CUDA")
 @pytest.mark.gpu
 def test_fsdp_wraps_the_family_blocks_and_ignores_frozen_parts() -> None:
-    from t2i_train.cli.train import build_strategy
     from t2i_train.nn.transformer import TransformerBlock
+    from t2i_train.training import build_strategy
 
     cfg = compose_train(["strategy=fsdp", "model=muse", "trainer.accelerator=gpu"])
     model = instantiate(cfg.model, _convert_="all")
@@ -158,7 +162,7 @@ def test_compile_blocks_compiles_only_trained_blocks() -> None:
 
 
 def test_logger_none_drops_the_lr_monitor(tmp_path: Path) -> None:
-    from t2i_train.cli.train import build_callbacks
+    from t2i_train.training import build_callbacks
 
     def names(*overrides: str) -> set[str]:
         cfg = compose_train([f"run_dir={tmp_path}", *overrides])

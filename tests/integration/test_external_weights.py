@@ -13,12 +13,18 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from t2i_train.checkpoint import absolute_stage1_paths, load_family
+from t2i_train.checkpoint import (
+    absolute_stage1_paths,
+    build_from_config,
+    load_family,
+    upgrade_model_config,
+    without_stage1_paths,
+)
 from t2i_train.cli.common import CONF_DIR
 from t2i_train.cli.export import export
-from t2i_train.cli.train import train
 from t2i_train.errors import CheckpointError
 from t2i_train.text.t5 import T5TextEncoder
+from t2i_train.training import train
 
 
 def _overrides(run_dir: Path, small_data_overrides: list[str], steps: int) -> list[str]:
@@ -63,7 +69,7 @@ def test_stage1_and_pretrained_weights_are_left_out_and_read_back(
     shutil.copy(stage1["vq"], vq)
     muse = [
         "model=muse",
-        f"model.tokenizer_checkpoint={vq}",
+        f"model.image_tokenizer_checkpoint={vq}",
         f"model.text_encoder.pretrained={stage1['t5']}",
         "model.text_encoder.tokenizer=byt5",
     ]
@@ -71,15 +77,15 @@ def test_stage1_and_pretrained_weights_are_left_out_and_read_back(
     _train([*muse, *_overrides(run, small_data_overrides, 2)])
     last = run / "checkpoints" / "last.ckpt"
     keys, ckpt = _keys(last)
-    assert sorted(ckpt["t2i_external"]) == ["text_encoder", "tokenizer"]
-    assert not any(k.startswith(("model.tokenizer.", "model.text_encoder.")) for k in keys)
+    assert sorted(ckpt["t2i_external"]) == ["image_tokenizer", "text_encoder"]
+    assert not any(k.startswith(("model.image_tokenizer.", "model.text_encoder.")) for k in keys)
     assert any(k.startswith("model.transformer.") for k in keys)
 
     # sample/export path: the frozen parts come back from their sources, identical to them
     model = load_family(last)
     vq_model = load_family(stage1["vq"])
     for name, tensor in vq_model.state_dict().items():
-        assert torch.equal(model.tokenizer.state_dict()[name], tensor), name
+        assert torch.equal(model.image_tokenizer.state_dict()[name], tensor), name
     t5 = T5TextEncoder(init_seed=123).model.state_dict()
     for name, tensor in model.text_encoder.model.state_dict().items():
         assert torch.equal(tensor, t5[name]), name
@@ -96,7 +102,7 @@ def test_stage1_and_pretrained_weights_are_left_out_and_read_back(
         load_family(last)
     exported = load_family(out)
     for name, tensor in vq_model.state_dict().items():
-        assert torch.equal(exported.tokenizer.state_dict()[name], tensor), name
+        assert torch.equal(exported.image_tokenizer.state_dict()[name], tensor), name
 
     # a stage-1 checkpoint overwritten by another training is refused, not silently swapped in
     other = torch.load(stage1["vq"], map_location="cpu", weights_only=False)
@@ -109,19 +115,56 @@ def test_stage1_and_pretrained_weights_are_left_out_and_read_back(
 def test_checkpoints_without_external_parts_keep_every_weight(
     tmp_path: Path, small_data_overrides: list[str]
 ) -> None:
-    """The tiny default (random frozen T5 and tokenizer, built from the config) saves them: no source exists."""
+    """The tiny default (random frozen T5 and image tokenizer, built from the config) saves them: no source exists."""
     run = tmp_path / "muse"
     _train(["model=muse", *_overrides(run, small_data_overrides, 1)])
     keys, ckpt = _keys(run / "checkpoints" / "last.ckpt")
     assert not ckpt.get("t2i_external")
-    assert any(k.startswith("model.tokenizer.") for k in keys)
+    assert any(k.startswith("model.image_tokenizer.") for k in keys)
     assert any(k.startswith("model.text_encoder.") for k in keys)
 
 
 def test_relative_stage1_paths_are_saved_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the paths a family declares (``external_paths``, nested ones included) are rewritten."""
     (tmp_path / "vq.ckpt").write_bytes(b"x")
+    (tmp_path / "clip.ckpt").write_bytes(b"x")
+    (tmp_path / "notes_checkpoint").write_bytes(b"x")
     monkeypatch.chdir(tmp_path)
-    config = {"model": {"tokenizer_checkpoint": "vq.ckpt", "other_checkpoint": "missing.ckpt", "x": [1]}}
+    muse = {"_target_": "t2i_train.models.muse.Muse", "image_tokenizer_checkpoint": "vq.ckpt"}
+    config = {
+        "model": {**muse, "other_checkpoint": "notes_checkpoint", "x": [1]},
+        "data": {"x_checkpoint": "vq.ckpt"},
+    }
     fixed = absolute_stage1_paths(config)
-    assert fixed["model"]["tokenizer_checkpoint"] == str((tmp_path / "vq.ckpt").resolve())
-    assert fixed["model"]["other_checkpoint"] == "missing.ckpt" and fixed["model"]["x"] == [1]
+    assert fixed["model"]["image_tokenizer_checkpoint"] == str((tmp_path / "vq.ckpt").resolve())
+    assert fixed["model"]["other_checkpoint"] == "notes_checkpoint" and fixed["model"]["x"] == [1]
+    assert fixed["data"] == {"x_checkpoint": "vq.ckpt"}
+    galip = {"_target_": "t2i_train.models.galip.GALIP", "clip": {"checkpoint": "clip.ckpt", "config": None}}
+    nested = absolute_stage1_paths({"model": galip})["model"]["clip"]
+    assert nested == {"checkpoint": str((tmp_path / "clip.ckpt").resolve()), "config": None}
+    assert (
+        without_stage1_paths(galip)["clip"]["checkpoint"] is None
+        and galip["clip"]["checkpoint"] == "clip.ckpt"
+    )
+
+
+def test_checkpoints_from_before_the_image_tokenizer_rename_still_load(tmp_path: Path) -> None:
+    """A Muse checkpoint whose config and state dict say ``tokenizer`` (and ``tokenizer_trained``) reads as today's."""
+    config = {
+        "_target_": "t2i_train.models.muse.Muse",
+        "text_encoder": {"_target_": "t2i_train.text.t5.T5TextEncoder", "d_model": 32, "d_ff": 64, "num_layers": 1,
+                         "num_heads": 2, "d_kv": 16},
+        "tokenizer": {"_target_": "t2i_train.models.vqgan.VQGAN", "base_channels": 32, "channel_mult": [1, 2],
+                      "num_res_blocks": 1, "z_channels": 16, "codebook_size": 16, "codebook_dim": 8},
+        "tokenizer_checkpoint": None,
+        "image_size": 16, "dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64,
+    }  # fmt: skip
+    model = build_from_config(upgrade_model_config(config))
+    model.image_tokenizer_trained.fill_(True)
+    old = {"model." + k.replace("image_tokenizer", "tokenizer", 1): v for k, v in model.state_dict().items()}
+    assert any(k.startswith("model.tokenizer.") for k in old) and "model.tokenizer_trained" in old
+    torch.save({"t2i_config": {"model": config}, "state_dict": old}, tmp_path / "old.ckpt")
+    loaded = load_family(tmp_path / "old.ckpt")
+    assert bool(loaded.image_tokenizer_trained)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from t2i_train.callbacks.samples import _can_generate
 from t2i_train.errors import ConfigError
 from t2i_train.losses.clip_contrastive import CLIPContrastive
 from t2i_train.losses.masked_ce import MaskedCrossEntropy
@@ -23,7 +22,7 @@ from t2i_train.models.clip import (
     frozen_clip_from_checkpoint,
     load_frozen_clip,
 )
-from t2i_train.weights import no_weight_loading
+from t2i_train.models.loading import no_weight_loading
 
 CAPTIONS = [
     "a red circle in the top left",
@@ -114,7 +113,10 @@ def test_family_forward_shapes_and_contract() -> None:
     assert family.pre_encode(_images(3))["clip_image_emb"].shape == (3, 64)
     frozen = family.frozen_copy()
     assert _same_weights(frozen.model, family.clip) and all(p.requires_grad for p in family.parameters())
-    assert not _can_generate(family)  # the sample-grid callback skips it instead of crashing
+    scorer = family.clip_scorer()  # what clip_score=true scores with when no clip_scorer= is given
+    assert family.can("clip_scorer") and isinstance(scorer, FrozenCLIP) and scorer.model is not family.clip
+    assert _same_weights(scorer.model, family.clip) and all(p.requires_grad for p in family.parameters())
+    assert not family.can("generate")  # the sample-grid callback skips it instead of crashing
     with pytest.raises(ConfigError, match="model=clip does not generate images"):
         family.generate(["a red circle"])
     family.check_loss(CLIPContrastive())
@@ -188,7 +190,7 @@ def clip_run(tmp_path_factory: pytest.TempPathFactory, small_data_overrides: lis
     from hydra import compose, initialize_config_dir
 
     from t2i_train.cli.common import CONF_DIR
-    from t2i_train.cli.train import train
+    from t2i_train.training import train
 
     run_dir = tmp_path_factory.mktemp("clip_run")
     overrides = [
@@ -218,20 +220,20 @@ def test_frozen_clip_from_a_trained_checkpoint_and_its_export(clip_run: Path, tm
     trained = load_family(ckpt)
     assert isinstance(trained, CLIPFamily)
     assert not _same_weights(trained.clip, build_open_clip())  # two steps moved the weights
-    clip = load_frozen_clip(clip_checkpoint=str(ckpt))
+    clip = load_frozen_clip(checkpoint=str(ckpt))
     assert _same_weights(clip.model, trained.clip)
     assert _same_weights(frozen_clip_from_checkpoint(str(ckpt)).model, trained.clip)
     folder = export(str(ckpt), output_dir=str(tmp_path / "export"))["output_dir"]
-    assert _same_weights(load_frozen_clip(clip_checkpoint=folder).model, trained.clip)
+    assert _same_weights(load_frozen_clip(checkpoint=folder).model, trained.clip)
     with no_weight_loading():  # the summary / meta path: the configured architecture, random weights
-        assert _same_weights(load_frozen_clip(clip_checkpoint=str(ckpt)).model, build_open_clip())
+        assert _same_weights(load_frozen_clip(checkpoint=str(ckpt)).model, build_open_clip())
     other = {
         "embed_dim": 32,
         "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
         "text_cfg": {"vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     }
     with pytest.raises(ConfigError, match="does not fit the configured CLIP"):
-        load_frozen_clip(clip_checkpoint=str(ckpt), config=other)
+        load_frozen_clip(checkpoint=str(ckpt), config=other)
     scorer = load_scorer(str(ckpt))
     assert isinstance(scorer, FrozenCLIP) and _same_weights(scorer.model, trained.clip)
 

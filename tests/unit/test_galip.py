@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from t2i_train.models.galip import (
     generator_plan,
     netc_kernels,
 )
-from t2i_train.weights import no_weight_loading
+from t2i_train.models.loading import no_weight_loading
 
 CAPTIONS = ["a red circle in the top left", "a blue square in the center", "a cyan triangle in the bottom"]
 SMALL = dict(ngf=4, nz=8, code_channels=8, mid_channels=4, num_mblocks=1, d_channels=16, netc_hidden=8)
@@ -223,7 +224,7 @@ def test_paper_size_parameter_counts_within_two_percent() -> None:
 
 def test_pretrained_clip_is_external_and_random_clip_is_not() -> None:
     with no_weight_loading(), torch.device("meta"):
-        paper = GALIP(clip_model_name="ViT-B-32", clip_pretrained="openai", image_size=224)
+        paper = GALIP(clip={"model_name": "ViT-B-32", "pretrained": "openai"}, image_size=224)
     assert set(paper.external_modules()) == {"clip"} and set(paper.frozen_modules()) == {"clip"}
     assert paper.grid == 7 and paper.clip.width == 768 and paper.clip.embed_dim == 512
     assert GALIP(**SMALL).external_modules() == {}
@@ -231,8 +232,35 @@ def test_pretrained_clip_is_external_and_random_clip_is_not() -> None:
 
 def test_random_clip_warns_once_in_training() -> None:
     model = GALIP(**SMALL).train()
-    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED CLIP"):
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED CLIP.*model.clip.checkpoint="):
         model(batch(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(batch(2))
+
+
+def test_clip_scorer_is_its_frozen_clip(model: GALIP) -> None:
+    assert model.can("clip_scorer") and model.clip_scorer() is model.clip
+
+
+def test_configs_with_the_old_flat_clip_keys_build_the_same_model() -> None:
+    """Checkpoints saved before the CLIP became one node store ``clip_checkpoint`` ... ``clip_init_seed``."""
+    from t2i_train.checkpoint import build_from_config, upgrade_model_config
+    from t2i_train.models.clip import LEGACY_CLIP_KEYS
+
+    old = {"_target_": "t2i_train.models.galip.GALIP", **SMALL, "clip_checkpoint": None, "clip_model_name": None,
+           "clip_pretrained": None, "clip_config": None, "clip_context_length": 32, "clip_init_seed": 3}  # fmt: skip
+    config = upgrade_model_config(old)
+    assert not set(LEGACY_CLIP_KEYS) & set(config) and config["clip"]["init_seed"] == 3
+    torch.manual_seed(0)
+    rebuilt = build_from_config(config)
+    torch.manual_seed(0)
+    today = GALIP(clip={"init_seed": 3}, **SMALL)
+    for name, tensor in today.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], tensor), name
+    assert not torch.equal(
+        today.clip.model.visual.conv1.weight, GALIP(**SMALL).clip.model.visual.conv1.weight
+    )
 
 
 # --------------------------------------------------------------------------- training through the CLI
@@ -258,7 +286,7 @@ def _overrides(run_dir: Path, small_data_overrides: list[str], steps: int, *extr
 
 
 def _train(overrides: list[str]) -> dict:
-    from t2i_train.cli.train import train
+    from t2i_train.training import train
 
     cfg = compose_train(overrides)
     with open_dict(cfg):
@@ -353,7 +381,7 @@ def test_trains_through_a_trained_clip_checkpoint(tmp_path: Path, small_data_ove
     checkpoints, rebuilt from the clip checkpoint on load), but inside the export."""
     from t2i_train.checkpoint import load_family
     from t2i_train.cli.export import export
-    from t2i_train.cli.train import train
+    from t2i_train.training import train
 
     clip_dir = tmp_path / "clip"
     clip_cfg = compose_train(
@@ -375,7 +403,7 @@ def test_trains_through_a_trained_clip_checkpoint(tmp_path: Path, small_data_ove
     clip_ckpt = clip_dir / "checkpoints" / "last.ckpt"
     run_dir = tmp_path / "galip"
     overrides = _overrides(
-        run_dir, small_data_overrides, 2, f"model.clip_checkpoint={clip_ckpt}", "logger=none"
+        run_dir, small_data_overrides, 2, f"model.clip.checkpoint={clip_ckpt}", "logger=none"
     )
     assert _train(overrides)["global_step"] == 2
     ckpt = _ckpt(run_dir)

@@ -12,10 +12,10 @@ from torch import nn
 from t2i_train.errors import ConfigError, DataError
 from t2i_train.losses.base import Loss
 from t2i_train.losses.masked_ce import MaskedCrossEntropy
+from t2i_train.models.loading import no_weight_loading
 from t2i_train.models.muse import Muse
 from t2i_train.nn.transformer import Transformer
 from t2i_train.text.t5 import T5TextEncoder
-from t2i_train.weights import no_weight_loading
 
 CAPTIONS = ["a red circle in the top left", "a blue square in the center", "a cyan triangle in the bottom"]
 
@@ -64,7 +64,7 @@ def tiny_muse(**overrides: object) -> Muse:
     torch.manual_seed(0)
     args = dict(
         text_encoder=T5TextEncoder(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16),
-        tokenizer=TinyVQ(),
+        image_tokenizer=TinyVQ(),
         image_size=16,
         dim=32,
         depth=2,
@@ -83,7 +83,7 @@ def batch(n: int = 3) -> dict:
 def test_forward_backward_shapes_and_frozen_parts() -> None:
     model = tiny_muse()
     model.train()
-    assert not model.text_encoder.training and not model.tokenizer.training
+    assert not model.text_encoder.training and not model.image_tokenizer.training
     out = model(batch())
     assert out["logits"].shape == (3, 16, 32)
     assert out["targets"].shape == (3, 16) and out["mask"].shape == (3, 16)
@@ -93,9 +93,9 @@ def test_forward_backward_shapes_and_frozen_parts() -> None:
     terms["loss"].backward()
     assert torch.isfinite(terms["loss"])
     trainable = dict(model.named_trainable_parameters())
-    assert not any(n.startswith(("text_encoder.", "tokenizer.")) for n in trainable)
+    assert not any(n.startswith(("text_encoder.", "image_tokenizer.")) for n in trainable)
     assert all(p.grad is None for p in model.text_encoder.parameters())
-    assert all(p.grad is None for p in model.tokenizer.parameters())
+    assert all(p.grad is None for p in model.image_tokenizer.parameters())
     for name in ("token_emb.weight", "row_emb", "col_emb", "text_proj.weight", "head.weight"):
         assert trainable[name].grad is not None and trainable[name].grad.abs().sum() > 0, name
 
@@ -209,30 +209,37 @@ def test_loss_compatibility() -> None:
         model.check_loss(Other())
 
 
-def test_tokenizer_checkpoint_is_loaded(tmp_path: Path) -> None:
+def test_image_tokenizer_checkpoint_is_loaded(tmp_path: Path) -> None:
     stage1 = TinyVQ()
     path = tmp_path / "vq.ckpt"
     config = {"model": {"_target_": f"{__name__}.TinyVQ", "codebook_size": 32, "downsample_factor": 4}}
     state = {f"model.{k}": v for k, v in stage1.state_dict().items()}
     torch.save({"t2i_config": config, "state_dict": state}, path)
 
-    model = tiny_muse(tokenizer_checkpoint=str(path))
-    assert torch.equal(model.tokenizer.codebook.weight, stage1.codebook.weight)
-    assert bool(model.tokenizer_trained)
-    assert not model.tokenizer.training and not any(p.requires_grad for p in model.tokenizer.parameters())
+    model = tiny_muse(image_tokenizer_checkpoint=str(path))
+    assert torch.equal(model.image_tokenizer.codebook.weight, stage1.codebook.weight)
+    assert bool(model.image_tokenizer_trained)
+    assert not model.image_tokenizer.training and not any(
+        p.requires_grad for p in model.image_tokenizer.parameters()
+    )
     with no_weight_loading():
-        untouched = tiny_muse(tokenizer_checkpoint=str(path))
-    assert not torch.equal(untouched.tokenizer.codebook.weight, stage1.codebook.weight)
-    with pytest.raises(ConfigError, match=r"does not fit model\.tokenizer"):
-        tiny_muse(tokenizer=TinyVQ(codebook_size=64), tokenizer_checkpoint=str(path))
+        untouched = tiny_muse(image_tokenizer_checkpoint=str(path))
+    assert not torch.equal(untouched.image_tokenizer.codebook.weight, stage1.codebook.weight)
+    with pytest.raises(
+        ConfigError, match=r"image_tokenizer_checkpoint .* does not fit model\.image_tokenizer"
+    ):
+        tiny_muse(image_tokenizer=TinyVQ(codebook_size=64), image_tokenizer_checkpoint=str(path))
 
 
-def test_warns_when_training_on_an_untrained_tokenizer() -> None:
+def test_warns_once_when_training_on_an_untrained_image_tokenizer() -> None:
     model = tiny_muse().train()
     with pytest.warns(UserWarning, match="RANDOMLY INITIALISED IMAGE TOKENIZER"):
         model(batch())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(batch())  # once per instance
     trained = tiny_muse().train()
-    trained.tokenizer_trained.fill_(True)
+    trained.image_tokenizer_trained.fill_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trained(batch())

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 from t2i_train.errors import ConfigError
 from t2i_train.gan_task import GANTask
 from t2i_train.losses.vqgan import VQGANLoss, adaptive_weight, hinge_discriminator_loss
+from t2i_train.models.loading import no_weight_loading
 from t2i_train.models.vqgan import VQGAN
 from t2i_train.task import T2ITask
-from t2i_train.weights import no_weight_loading
 
 CONF = Path(__file__).resolve().parents[2] / "t2i_train" / "conf"
 SMALL = dict(
