@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install train train-galip train-diffusion train-dalle3 test test-slow test-all lint format bench clean slurm-up slurm-down
+.PHONY: help install train train-galip train-diffusion train-dalle3 test test-install test-slow test-all lint format bench clean slurm-up slurm-down
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ slurm-up:  ## install slurm-wlm + munge when missing (apt, root) and start the l
 
 slurm-down:  ## stop the local SLURM cluster
 	bash slurm/local_cluster.sh stop
+
+test-install: $(STAMP)  ## pip install (not editable) into a fresh folder, then train from another directory (~1 min)
+	$(BIN)/python -m pytest -m slow tests/integration/test_install.py $(PYTEST_ARGS)
 
 test-slow: $(STAMP)  ## only the slow tests
 	$(BIN)/python -m pytest -m "slow and not gpu" $(PYTEST_ARGS)

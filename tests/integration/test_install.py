@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,10 +81,14 @@ def test_console_shows_each_lightning_line_once_and_no_tips(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_non_editable_install_trains(tmp_path: Path) -> None:
     """pip install (no -e) into a fresh folder, then ``python -m t2i_train`` from another directory trains."""
-    target = tmp_path / "site"
+    target, source = tmp_path / "site", tmp_path / "source"
+    # a copy, so the build writes no build/ or egg-info into the checkout (and no stale build/lib is packaged)
+    shutil.copytree(ROOT / "t2i_train", source / "t2i_train", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     build = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-compile",
-         "--target", str(target), str(ROOT)],
+         "--target", str(target), str(source)],
         capture_output=True, text=True, timeout=600, env=_env(PIP_DISABLE_PIP_VERSION_CHECK="1"),
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-3000:]
