@@ -12,7 +12,8 @@ Four groups of helpers:
 - **build / load**: :func:`build_tokenizer` (a name or folder, or ByT5's byte-level tokenizer, which needs no
   file), :func:`build_causal_lm` (pretrained weights, or a ``GPT2LMHeadModel`` from a ``GPT2Config`` dict sized
   to the tokenizer), :func:`load_causal_lm` (model + left-padding tokenizer, with one-line errors and
-  ``HF_HUB_OFFLINE``), :func:`lm_width`, :func:`lm_max_positions`;
+  ``HF_HUB_OFFLINE``), :func:`add_tokens` (new special tokens such as GILL's [IMG] tokens, embeddings
+  grown to match), :func:`lm_width`, :func:`lm_max_positions`;
 - **prefix**: :func:`mapper`, :class:`EmbeddingPrefix` (ClipCap), :class:`PatchPrefix`; :func:`embed_ids`,
   :func:`prefix_lm_logits` (the LM on [prefix, tokens] with next-token targets on the taught tokens only);
 - **decoding options**: :func:`decoding_options` (``greedy`` / ``beam`` / ``top_p``), :func:`rerank_options`,
@@ -148,6 +149,23 @@ def appends_eos(tokenizer: Any) -> bool:
     before it starts: callers then encode prompts with ``add_special_tokens=False``."""
     probe = tokenizer("x")["input_ids"]
     return bool(probe) and probe[-1] == tokenizer.eos_token_id
+
+
+def add_tokens(lm: Any, tokenizer: Any, tokens: Sequence[str]) -> list[int]:
+    """Add ``tokens`` (e.g. GILL's ``[IMG0]``..``[IMG7]``) to the tokenizer as special tokens, each one id, and
+    grow the LM's input and output embeddings to match; the existing rows keep their values. Returns the
+    tokens' ids, in order.
+
+    The new rows are initialised like the LM's own weights (from the global RNG: seed it for reproducible rows);
+    a frozen LM whose new rows must learn needs them made trainable by the caller.
+    """
+    tokenizer.add_tokens(list(tokens), special_tokens=True)
+    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = [int(i) for i in tokenizer.convert_tokens_to_ids(list(tokens))]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"tokens {list(tokens)} must be distinct")
+    return ids
 
 
 def lm_width(lm: nn.Module) -> int:
