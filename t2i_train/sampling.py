@@ -61,27 +61,13 @@ def training_sampling_kwargs(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     return dict((config.get("sampling") or {}).get("kwargs") or {})
 
 
-def check_generate_options(model: Any, sampling: Mapping[str, Any]) -> None:
-    """Every ``sampling.<arg>`` is an argument of the family's ``generate()``, of the type it takes."""
-    from omegaconf import OmegaConf
-
-    from t2i_train.cli.common import callable_param_types, check_values, close_keys, numeric_kinds
-
+def generate_options(model: Any) -> list[str] | None:
+    """The keyword arguments ``model.generate`` takes besides ``prompts`` and ``generator`` (the
+    ``sampling.<arg>`` a user may set); None when it takes any (``**kwargs``)."""
     params = inspect.signature(model.generate).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    allowed = [name for name in params if name not in ("prompts", "generator")]
-    for key in sampling:
-        if key not in allowed:
-            close = close_keys(key, allowed)
-            hint = f"did you mean sampling.{close[0]}? " if close else ""
-            raise ConfigError(
-                f"model={model.family_name} has no sampling option '{key}'; {hint}"
-                f"its options: {', '.join(allowed) or 'none'}"
-            )
-    hints = callable_param_types(model.generate)
-    wanted = {k: kinds for k in sampling if (kinds := numeric_kinds(hints.get(k))) is not None}
-    check_values(OmegaConf.create(dict(sampling)), wanted, prefix="sampling.")
+        return None
+    return [name for name in params if name not in ("prompts", "generator")]
 
 
 def make_upsampler(options: Mapping[str, Any], device: torch.device) -> Any:

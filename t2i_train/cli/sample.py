@@ -29,11 +29,14 @@ from t2i_train.checkpoint_io import apply_trust_argument
 from t2i_train.cli.common import (
     CONF_DIR,
     allow_new_keys,
+    callable_param_types,
     check_minimums,
     check_overrides,
     check_values,
+    close_keys,
     fail,
     no_empty_dir_on_error,
+    numeric_kinds,
     user_errors_exit,
 )
 from t2i_train.devices import pick_device
@@ -41,7 +44,7 @@ from t2i_train.errors import ConfigError
 from t2i_train.sampling import (
     GRID_CELL,
     add_clip_scores,
-    check_generate_options,
+    generate_options,
     interpolate_to_dir,
     pick_scorer,
     read_prompts,
@@ -113,6 +116,24 @@ def check_sample_options(cfg: DictConfig) -> None:
         raise ConfigError(f"interpolate must be z or text, got {cfg.interpolate!r}")
     if cfg.interpolate and cfg.steps < 2:
         raise ConfigError(f"steps={cfg.steps}: an interpolation strip needs at least 2 images")
+
+
+def check_generate_options(model: Any, sampling: dict[str, Any]) -> None:
+    """Every ``sampling.<arg>`` is an argument of the family's ``generate()``, of the type it takes."""
+    allowed = generate_options(model)
+    if allowed is None:
+        return
+    for key in sampling:
+        if key not in allowed:
+            close = close_keys(key, allowed)
+            hint = f"did you mean sampling.{close[0]}? " if close else ""
+            raise ConfigError(
+                f"model={model.family_name} has no sampling option '{key}'; {hint}"
+                f"its options: {', '.join(allowed) or 'none'}"
+            )
+    hints = callable_param_types(model.generate)
+    wanted = {k: kinds for k in sampling if (kinds := numeric_kinds(hints.get(k))) is not None}
+    check_values(OmegaConf.create(sampling), wanted, prefix="sampling.")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")

@@ -6,10 +6,11 @@ colours names neither). Positions are matched longest phrase first, so "top left
 "left"; "centre" reads as "center". ``caption_accuracy(captions, metas)`` compares with the samples' JSON and
 reports per-attribute and all-three accuracy.
 
-``python -m t2i_train.metrics.caption_accuracy checkpoint=CKPT [style=dsc] [per_combination=10]`` scores a
+``python -m t2i_train.caption_accuracy checkpoint=CKPT [style=dsc] [per_combination=10]`` (also as
+``python -m t2i_train.metrics.caption_accuracy``; arguments parsed in ``t2i_train.cli.caption_accuracy``) scores a
 captioner on its synthetic set's validation split (training combinations, unseen images) and on fresh renders
 of the held-out combinations (never in training).
-``python -m t2i_train.metrics.caption_accuracy shards=DIR [caption_key=dsc]`` audits captions already in shards
+``python -m t2i_train.caption_accuracy shards=DIR [caption_key=dsc]`` audits captions already in shards
 (e.g. what ``python -m t2i_train.recaption`` wrote) against each sample's JSON. Decoding options pass through to ``Captioner.caption``:
 ``method=beam num_beams=4 rerank=4`` keeps, of the 4 best beams, the one the captioner's CLIP matches best.
 """
@@ -18,14 +19,12 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from t2i_train.checkpoint_io import apply_trust_argument
 from t2i_train.data.synthetic import COLOURS, POSITION_NAMES, SHAPES
 
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "position")
@@ -177,32 +176,7 @@ def evaluate_checkpoint(
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``key=value`` arguments: checkpoint, style, per_combination, batch_size, method, num_beams, rerank, seed."""
-    from t2i_train.cli.common import fail, user_errors_exit
+if __name__ == "__main__":  # `python -m t2i_train.metrics.caption_accuracy`: the launcher, t2i_train.cli
+    import runpy
 
-    args: dict[str, Any] = {}
-    for item in apply_trust_argument(sys.argv[1:] if argv is None else argv):
-        key, sep, value = item.partition("=")
-        if not sep:
-            fail(f"expected key=value, got '{item}'")
-        args[key] = int(value) if value.isdigit() else value
-    if "shards" in args:
-        if set(args) - {"shards", "caption_key"}:
-            fail(f"with shards=, only caption_key= is an option (got {', '.join(sorted(args))})")
-        shards = args.pop("shards")
-        audit = user_errors_exit(stored_caption_accuracy)(shards, **args)
-        if not audit["count"]:
-            fail(
-                f"no sample of {shards} has a '{audit['caption_key']}' caption and colour/shape/position in "
-                "its JSON; pass caption_key= (dsc, txt, json.<field>) of shards made from a shapes set"
-            )
-        print(json.dumps(audit, indent=2))
-        return
-    if "checkpoint" not in args:
-        fail("missing checkpoint=... (a model=captioner checkpoint) or shards=... (captions to audit)")
-    print(json.dumps(user_errors_exit(evaluate_checkpoint)(**args), indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("t2i_train.cli.caption_accuracy", run_name="__main__", alter_sys=True)

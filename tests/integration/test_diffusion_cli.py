@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 
 from t2i_train.checkpoint import load_family
 from t2i_train.cli.common import CONF_DIR
-from t2i_train.cli.export import export
 from t2i_train.data.encode import encode
 from t2i_train.data.shards import write_synthetic_shards
+from t2i_train.export_folder import export
 from t2i_train.training import train
 from tests.conftest import run_cli
 

@@ -70,7 +70,7 @@ def test_stored_captions_are_audited_against_their_json(tmp_path: Path) -> None:
     alt = stored_caption_accuracy(str(tmp_path), "json.alt_text")  # terse alt-text never names the position
     assert alt["position"] == 0.0 and alt["count"] + alt["missing"] == 40
     assert stored_caption_accuracy(str(tmp_path), "dsc")["missing"] == 40
-    from t2i_train.metrics.caption_accuracy import main
+    from t2i_train.cli.caption_accuracy import main
 
     with pytest.raises(SystemExit) as stop:
         main([f"shards={tmp_path}", "caption_key=dsc"])
