@@ -4,7 +4,12 @@ Pipeline per process (built from webdataset's pieces, batching done in the datas
 
     shard list (seeded shuffle per epoch, or ResampledShards) -> split by node -> split by worker
     -> read tar + decode + pick caption (corrupt samples skipped and counted, damaged shards reported)
-    -> seeded shuffle buffer -> batches {image, caption, meta, key, skipped, bad_shards, caption_source}
+    -> seeded shuffle buffer -> data.collate (t2i_train.data.collate) -> batches
+       {image, caption, meta, key, caption_source, <fields>, skipped, bad_shards}
+
+The collate step is configurable (``data.collate``, a ``_target_`` node): :class:`~t2i_train.data.collate.
+DefaultCollate` stacks images and equal-shape fields; :class:`~t2i_train.data.collate.PaddingCollate` pads
+variable-length sequences (interleaved text + image tokens) with a mask, and lists of retrieved neighbours.
 
 Data faults, and what each batch reports of them since the previous batch of its worker:
 
@@ -63,6 +68,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from t2i_train.data import synthetic as shapes
+from t2i_train.data.collate import Collate, DefaultCollate, build_collate
 from t2i_train.data.transforms import (
     RESIZE_MODES,
     CaptionPicker,
@@ -71,7 +77,6 @@ from t2i_train.data.transforms import (
     first_image_key,
     parse_meta,
     read_array,
-    to_batch,
 )
 from t2i_train.errors import ConfigError, DataError, T2IError
 
@@ -490,8 +495,9 @@ class _Shuffle(wds.PipelineStage):
 
 
 class _Batch(wds.PipelineStage):
-    def __init__(self, batch_size: int, state: _RunState) -> None:
+    def __init__(self, batch_size: int, state: _RunState, collate: Collate | None = None) -> None:
         self.batch_size, self.state = batch_size, state
+        self.collate = collate if collate is not None else DefaultCollate()
 
     def run(self, src: Any) -> Iterator[dict[str, Any]]:
         """Batches of ``batch_size`` (the last one may be smaller).
@@ -514,21 +520,17 @@ class _Batch(wds.PipelineStage):
             yield self._collate(batch)
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """``data.collate`` of the samples, plus the fault counts found since the previous batch."""
+        batch = self.collate(samples)
+        if not isinstance(batch, dict):
+            raise ConfigError(
+                f"data.collate returned a {type(batch).__name__}; a collate must return a dict (the batch)"
+            )
         st = self.state
         skipped, st.pending = st.pending, 0
         bad_shards, st.pending_bad = st.pending_bad, []
-        batch: dict[str, Any] = {
-            "caption": [s["caption"] for s in samples],
-            "meta": [s["meta"] for s in samples],
-            "key": [s["key"] for s in samples],
-            "caption_source": [s["caption_source"] for s in samples],
-            "skipped": torch.tensor(skipped, dtype=torch.long),
-            "bad_shards": bad_shards,
-        }
-        if "image" in samples[0]:
-            batch["image"] = to_batch([s["image"] for s in samples])
-        for field in samples[0].get("fields", {}):
-            batch[field] = torch.from_numpy(np.stack([s["fields"][field] for s in samples]))
+        batch["skipped"] = torch.tensor(skipped, dtype=torch.long)
+        batch["bad_shards"] = bad_shards
         return batch
 
 
@@ -589,7 +591,8 @@ class ShardStream(wds.DataPipeline):
 
     ``rank``/``world_size`` split the shards across processes; ``batches_per_worker`` fixes the epoch
     length (the shards are re-read as needed), otherwise an epoch is one pass (infinite when resampled).
-    ``max_skip_rate`` and ``max_bad_shards`` (-1: no limit) apply per worker process.
+    ``max_skip_rate`` and ``max_bad_shards`` (-1: no limit) apply per worker process. ``collate`` turns a list of
+    decoded samples into a batch (default :class:`~t2i_train.data.collate.DefaultCollate`).
     """
 
     def __init__(
@@ -608,6 +611,7 @@ class ShardStream(wds.DataPipeline):
         world_size: int | None = None,
         batches_per_worker: int | None = None,
         epoch: SharedEpoch | None = None,
+        collate: Collate | None = None,
     ) -> None:
         self.state = _RunState(rank=rank or 0)
         self.epoch = epoch or SharedEpoch()
@@ -623,7 +627,7 @@ class ShardStream(wds.DataPipeline):
             *source,
             _ReadSamples(decoder, self.state, seed, max_skip_rate, max_bad_shards),
             _Shuffle(shuffle_buffer if shuffle else 0, seed, self.state),
-            _Batch(batch_size, self.state),
+            _Batch(batch_size, self.state, collate),
         )
         if batches_per_worker is not None:
             self.with_epoch(nbatches=batches_per_worker)
@@ -755,7 +759,9 @@ class ShardDataModule(L.LightningDataModule):
     With ``train_urls=None`` and ``synthetic={...}`` the shapes set is generated once into the cache
     (``cache_dir``, ``$T2I_CACHE`` or ``~/.cache/t2i_train``) and used for training, with its small
     validation split for validation. ``max_skip_rate``, ``max_bad_shards`` (-1: no limit) and
-    ``max_image_pixels`` (None: no limit) are described in the module docstring.
+    ``max_image_pixels`` (None: no limit) are described in the module docstring. ``collate`` (``data.collate``):
+    how decoded samples become a batch, a callable or a ``_target_`` mapping (see :mod:`t2i_train.data.collate`);
+    None is :class:`~t2i_train.data.collate.DefaultCollate`.
     """
 
     def __init__(
@@ -782,6 +788,7 @@ class ShardDataModule(L.LightningDataModule):
         load_images: bool = True,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         max_bad_shards: int = 0,
+        collate: Any = None,
     ) -> None:
         super().__init__()
         if train_urls is None and synthetic is None:
@@ -801,6 +808,7 @@ class ShardDataModule(L.LightningDataModule):
         self.resampled, self.samples_per_epoch = resampled, samples_per_epoch
         self.seed, self.max_skip_rate, self.allow_pipe = seed, max_skip_rate, allow_pipe
         self.max_bad_shards = max_bad_shards
+        self.collate = build_collate(collate)
         self.decoder = SampleDecoder(
             image_size,
             resize,
@@ -932,6 +940,7 @@ class ShardDataModule(L.LightningDataModule):
             world_size=world,
             batches_per_worker=per_worker,
             epoch=self._epoch,
+            collate=self.collate,
         )
         loader = self._loader(stream, workers)
         loader.resume_position = self._resume_position
@@ -970,6 +979,7 @@ class ShardDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             epoch=SharedEpoch(0),
+            collate=self.collate,
         )
         return self._loader(stream, min(self.num_workers, max(1, len(self.val_shards) // world)), False)
 
