@@ -225,18 +225,9 @@ def add_clip_scores(
 
 
 def own_clip_scorer(model: Any) -> Any | None:
-    """The CLIP a family exposes for scoring (``clip_scorer()``, e.g. GALIP's frozen CLIP), or None.
-
-    A family without ``clip_scorer()`` whose ``clip`` part can embed both images and texts lends that one
-    (the duck-typed fallback for families written before the capability existed).
-    """
+    """The CLIP a family exposes for scoring (``model.clip_scorer()``, e.g. GALIP's frozen CLIP), or None."""
     can = getattr(model, "can", None)
-    if callable(can) and can("clip_scorer"):
-        return model.clip_scorer()
-    own = getattr(model, "clip", None)
-    if callable(getattr(own, "encode_image", None)) and callable(getattr(own, "encode_text", None)):
-        return own
-    return None
+    return model.clip_scorer() if callable(can) and can("clip_scorer") else None
 
 
 def pick_scorer(spec: str | None, model: Any, device: torch.device) -> Any:

@@ -146,12 +146,12 @@ def recaption(
     from t2i_train.data.datamodule import resolve_urls
     from t2i_train.data.encode import trained_image_size
     from t2i_train.data.shard_map import copy_sidecars, map_shards, rank_and_world
-    from t2i_train.models.captioner import _decoding_options, _rerank_options
+    from t2i_train.text.causal_lm import decoding_options, rerank_options
 
     shards = resolve_urls(input_urls)[:limit] if limit else resolve_urls(input_urls)
     check_paths(shards, output_dir)
-    _decoding_options(method, num_beams, top_p, temperature)  # bad options stop before the model loads
-    _rerank_options(method, num_beams, rerank)
+    decoding_options(method, num_beams, top_p, temperature)  # bad options stop before the model loads
+    rerank_options(method, num_beams, rerank)
     model, ckpt = load_captioner(checkpoint, use_ema)
     if style not in model.style_prompts:
         raise ConfigError(f"style={style!r} is not one of this captioner's: {', '.join(model.style_prompts)}")

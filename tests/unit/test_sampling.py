@@ -189,24 +189,14 @@ class FakeScorerSource(FakeGenerator):
         return "the family's CLIP"
 
 
-class FakeClip:
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return images
-
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        return torch.zeros(len(texts))
-
-
 def test_the_scorer_is_asked_for_not_guessed() -> None:
     device = torch.device("cpu")
     assert pick_scorer(None, FakeScorerSource(), device) == "the family's CLIP"
     with pytest.raises(ConfigError, match="model=fake exposes no CLIP scorer"):
         pick_scorer(None, FakeGenerator(), device)
-    lender = FakeGenerator()
-    lender.clip = FakeClip()  # type: ignore[assignment]
-    assert own_clip_scorer(lender) is lender.clip
-    lender.clip = object()  # type: ignore[assignment]
-    assert own_clip_scorer(lender) is None
+    holder = FakeGenerator()
+    holder.clip = torch.nn.Identity()  # a part named clip is not a scorer: only clip_scorer() is asked
+    assert own_clip_scorer(holder) is None
 
 
 def test_pick_device(monkeypatch: pytest.MonkeyPatch) -> None:
