@@ -115,3 +115,23 @@ def test_non_editable_install_trains(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     assert (elsewhere / "run" / "checkpoints" / "last.ckpt").is_file()
     assert not (ROOT / "run").exists()
+
+
+def test_console_logging_outside_hydra_prints_lightning_lines_once() -> None:
+    """The pipeline and the shard CLIs set logging up before Lightning is imported: Lightning then propagates to
+    the root *and* keeps its own "INFO: ..." handler on ``lightning``, so each line showed twice."""
+    script = """
+import logging
+from t2i_train.cli.common import console_logging
+console_logging()
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+rank_zero_info("GPU available: False, used: False")
+rank_zero_info("💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/project/litlogger/)")
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=_env()
+    )
+    assert run.returncode == 0, run.stderr
+    console = run.stdout + run.stderr
+    assert console.count("GPU available") == 1, console
+    assert "Tip" not in console, console
