@@ -56,8 +56,6 @@ from t2i_train.text.causal_lm import (
 PREFIX_MODES: tuple[str, ...] = ("embedding", "patches")
 #: The tiny LM of the shapes world: 4 GPT-2 blocks of width 128 over ByT5's 384 byte-level ids.
 TINY_LM_CONFIG: dict[str, Any] = TINY_GPT2_CONFIG
-#: Re-exported for callers that validate decoding options before a captioner loads.
-_decoding_options, _rerank_options = decoding_options, rerank_options
 DEFAULT_STYLE_PROMPTS: dict[str, str] = {"ssc": "short:", "dsc": "describe:"}
 DEFAULT_STYLE_KEYS: dict[str, str] = {"ssc": "json.caption", "dsc": "json.descriptive"}
 DEFAULT_STYLE_PROBS: dict[str, float] = {"ssc": 0.5, "dsc": 0.5}
