@@ -22,13 +22,12 @@ at once), encoding skips finished shards; sampling and scoring are redone. ``--<
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from t2i_train.checkpoint_io import apply_trust_argument
-from t2i_train.cli.common import CONF_DIR, quiet_third_party, user_errors_exit
+from t2i_train.cli.common import CONF_DIR, console_logging, hydra_argv, quiet_third_party, user_errors_exit
 from t2i_train.recipes import DEFAULT, available, get
 from t2i_train.recipes.base import Run
 
@@ -70,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     recipe = get(args.recipe)
     options = {k: v for k, v in vars(args).items() if k not in ("data", "out", "recipe")}
+    # each stage's train overrides: brace patterns as a user writes them, a grammar error in one line
+    for stage in recipe.training_stages():
+        options[stage] = hydra_argv(options[stage])
     report, text = recipe.run(Run(data=args.data, out=args.out, conf_dir=CONF_DIR, options=options))
     print(text)
     return report
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     quiet_third_party()
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    console_logging()
     run(parse_args(apply_trust_argument(sys.argv[1:] if argv is None else argv)))
 
 

@@ -18,6 +18,7 @@ from t2i_train.cli.common import (
     check_config_types,
     check_group_choices,
     check_overrides,
+    hydra_argv,
     quiet_third_party,
     startup_guard,
     user_errors_exit,
@@ -42,6 +43,7 @@ def main() -> None:
     # the submitit launcher configs keep the plugin's schema names; Hydra 1.3 warns about that on every run
     warnings.filterwarnings("ignore", message=".*validated against ConfigStore schema")
     sys.argv[1:] = apply_trust_argument(sys.argv[1:])  # trust_checkpoint=true (see t2i_train.checkpoint_io)
+    sys.argv[1:] = hydra_argv(sys.argv[1:])  # brace patterns as a user writes them; grammar errors: one line
     check_group_choices(sys.argv[1:])
     sys.argv[1:] = allow_new_keys(sys.argv[1:], ("sampling.kwargs.", "task."))
     check_overrides(sys.argv[1:], "train")  # a plain run's typos: one line, before Hydra writes

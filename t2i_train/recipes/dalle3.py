@@ -97,7 +97,7 @@ def captioner(run: Run) -> dict[str, Any]:
     overrides = [
         "experiment=shapes_captioner",
         f"data.train_urls={run.data}",
-        f"model.clip_checkpoint={run.results['clip']}",
+        f"model.clip.checkpoint={run.results['clip']}",
     ]
     train_stage(run, cap_dir, [*overrides, *run.overrides("captioner")])
     cap_ckpt = last_checkpoint(cap_dir)

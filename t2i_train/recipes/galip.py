@@ -24,7 +24,7 @@ def galip(run: Run) -> Path:
     overrides = [
         "experiment=shapes_galip",
         f"data.train_urls={run.data}",
-        f"model.clip_checkpoint={run.results['clip']}",
+        f"model.clip.checkpoint={run.results['clip']}",
     ]
     train_stage(run, run.out / "galip", [*overrides, *run.overrides("galip")])
     return last_checkpoint(run.out / "galip")

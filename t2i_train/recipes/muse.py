@@ -32,7 +32,7 @@ def muse(run: Run) -> Path:
         f"data.val_urls={tokens / 'val'}",
         "data.fields=[image_tokens]",
         "data.load_images=false",
-        f"model.tokenizer_checkpoint={run.results['vqgan']}",
+        f"model.image_tokenizer_checkpoint={run.results['vqgan']}",
         "torch_threads=2",  # the data worker only reads tokens: both cores go to the transformer
         *run.overrides("muse"),
     ]

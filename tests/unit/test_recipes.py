@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 import t2i_train.recipes as recipes
 from t2i_train.cli.pipeline import main
@@ -78,6 +79,15 @@ def test_a_new_recipe_module_is_a_pipeline_recipe(
 
     main(["--recipe=toy", f"--out={out}", "--flavour=mint"])  # the recipe's own option
     assert json.loads((out / "report.json").read_text())["flavour"] == "mint"
+
+
+def test_stage_overrides_take_brace_patterns_as_a_user_writes_them(toy_recipe: Path) -> None:
+    out = toy_recipe
+    out.mkdir()
+    main(["--recipe=toy", f"--out={out}", "--toy", "data.train_urls=/data/cc3m/{00000..00331}.tar"])
+    (override,) = json.loads((out / "report.json").read_text())["overrides"]
+    (parsed,) = OverridesParser.create().parse_overrides([override])  # what compose() reads
+    assert parsed.key_or_group == "data.train_urls" and parsed.value() == "/data/cc3m/{00000..00331}.tar"
 
 
 def test_an_unknown_recipe_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
