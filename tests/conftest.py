@@ -1,16 +1,21 @@
-"""Shared fixtures: a small shapes dataset written once per session, config composition, CLI runner."""
+"""Shared fixtures: a small shapes dataset written once per session.
+
+Helpers shared by test modules (``ROOT``, ``run_cli``, ``TINY_TRAIN``, ...) live in ``tests/helpers.py``;
+``ROOT`` and ``run_cli`` are imported here too for modules that still import them from this file.
+"""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, run_cli
+
+__all__ = ["ROOT", "run_cli"]
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -34,11 +39,3 @@ def small_data_overrides(data_cache: Path) -> list[str]:
         "data.batch_size=8",
         "data.shuffle_buffer=64",
     ]
-
-
-def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict[str, str] | None = None):
-    """Run ``python -m <args>`` as a user would; returns the CompletedProcess (never raises on failure)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
-    )

@@ -12,10 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-
-from t2i_train.cli.common import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +51,10 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: st
 
 def compose_train(overrides: list[str]) -> DictConfig:
     """The training config ``python -m t2i_train <overrides>`` would run (without Hydra's runtime keys)."""
+    from hydra import compose, initialize_config_dir
+
+    from t2i_train.cli.common import CONF_DIR
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 

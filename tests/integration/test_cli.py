@@ -10,26 +10,7 @@ from pathlib import Path
 import pytest
 
 from t2i_train.data.shards import write_synthetic_shards
-from tests.conftest import run_cli
-
-TINY_TRAIN = [
-    "trainer.accelerator=cpu",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "data.num_workers=0",
-    "data.batch_size=8",
-    "data.shuffle_buffer=16",
-    "sampling.every_n_steps=0",
-]
-
-
-def assert_one_line_error(proc, *fragments: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+from tests.helpers import TINY_TRAIN, assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli
-from tests.integration.test_cli import TINY_TRAIN, assert_one_line_error
+from tests.helpers import TINY_TRAIN, assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from t2i_train.data.shards import write_synthetic_shards
-from tests.conftest import ROOT, run_cli
-from tests.integration.test_cli import TINY_TRAIN, assert_one_line_error
+from tests.helpers import ROOT, TINY_TRAIN, assert_one_line_error, run_cli
 
 TINY_CAPTIONER = [
     "model=captioner",

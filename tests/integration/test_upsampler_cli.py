@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from t2i_train.cli.sample import check_upsampler_args
-from tests.conftest import run_cli
-from tests.integration.test_cli import assert_one_line_error
-from tests.unit.test_upsampler import _save_lm
+from tests.helpers import assert_one_line_error, run_cli
+from tests.helpers import save_tiny_lm as _save_lm
 
 PROMPTS = "prompts=[a red circle in the top left,a dog on a skateboard]"
 

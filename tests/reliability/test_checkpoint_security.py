@@ -21,8 +21,7 @@ from t2i_train.checkpoint import read_checkpoint
 from t2i_train.checkpoint_io import TORCH_FORCE_ENV, TRUST_ENV, apply_trust_argument, checkpoint_problem
 from t2i_train.data.shards import write_synthetic_shards
 from t2i_train.errors import CheckpointError
-from tests.conftest import run_cli
-from tests.integration.test_cli import TINY_TRAIN, assert_one_line_error
+from tests.helpers import TINY_TRAIN, assert_one_line_error, run_cli
 
 REFUSAL = "refusing to load"
 OPT_IN = "trust_checkpoint=true"

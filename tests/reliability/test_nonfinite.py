@@ -9,8 +9,7 @@ import torch
 
 from t2i_train.errors import CheckpointError, TrainingDiverged
 from t2i_train.task import NonFiniteGuard
-from tests.conftest import run_cli
-from tests.integration.test_cli import TINY_TRAIN, assert_one_line_error
+from tests.helpers import TINY_TRAIN, assert_one_line_error, run_cli
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_finite_checkpoints(tmp_path: Path) -> None:
