@@ -156,3 +156,30 @@ def test_the_train_cli_takes_brace_patterns_and_user_configs_end_to_end(tmp_path
     assert f"train_urls: {tmp_path / 'd'}/train-{{000000..000009}}.tar" in run.stdout
     assert "val_urls: /data/cc3m/{00000..00331}.tar" in run.stdout
     assert "max_steps: 7" in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "expected"),
+    [
+        ("t2i_train.sample", ["checkpoint=runs/x.ckpt", "output_dir=/out/{0..1}", "--cfg", "job"], "output_dir: /out/{0..1}"),
+        ("t2i_train.summary", ["experiment=shapes_vqgan", "data=webdataset", "data.train_urls=/d/{0..3}.tar"], '"family"'),
+    ],
+)  # fmt: skip
+def test_every_hydra_cli_takes_a_brace_pattern(module: str, args: list[str], expected: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert expected in run.stdout
+
+
+def test_the_train_cli_reports_a_grammar_mistake_in_one_line() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "t2i_train", "trainer.max_steps=[1,2", "--cfg", "job"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: cannot parse override 'trainer.max_steps=[1,2'")
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
