@@ -1,4 +1,5 @@
-"""Every ``python -m t2i_train...`` line in README.md's code blocks, pasted into bash as written, composes.
+"""Every ``python -m t2i_train...`` line in README.md's (and docs/*.md's) code blocks, pasted into bash as written,
+composes.
 
 The lines are split into words by bash itself (quotes, ``$DIR``, ``~``, comments), with placeholder folders for
 ``$DIR`` and ``$HOME`` (holding the README's own ``~/t2i_configs/experiment/my_run.yaml``). One subprocess then
@@ -49,7 +50,9 @@ def user_config_file(text: str) -> tuple[str, str]:
     raise AssertionError("README.md has no yaml example of a user-owned config (# ~/...)")
 
 
-COMMANDS = readme_commands(README.read_text())
+#: README.md first, then the pages it links to in docs/
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+COMMANDS = list(dict.fromkeys(c for page in PAGES for c in readme_commands(page.read_text())))
 
 #: bash prints the words each line hands to `python` (and the T2I_CONFIG_PATH it sees); nothing runs
 SPLIT = """
