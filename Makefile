@@ -52,8 +52,8 @@ slurm-up:  ## install slurm-wlm + munge when missing (apt, root) and start the l
 slurm-down:  ## stop the local SLURM cluster
 	bash slurm/local_cluster.sh stop
 
-test-install: $(STAMP)  ## pip install (not editable) into a fresh folder, then train from another directory (~1 min)
-	$(BIN)/python -m pytest -m slow tests/integration/test_install.py $(PYTEST_ARGS)
+test-install: $(STAMP)  ## pip install (not editable) into a fresh folder, then train from another directory (part of make test)
+	$(BIN)/python -m pytest tests/integration/test_install.py $(PYTEST_ARGS)
 
 test-slow: $(STAMP)  ## only the slow tests
 	$(BIN)/python -m pytest -m "slow and not gpu" $(PYTEST_ARGS)

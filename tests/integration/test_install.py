@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from t2i_train.data.shards import ShardWriter, encode_image
@@ -78,7 +77,6 @@ def test_console_shows_each_lightning_line_once_and_no_tips(tmp_path: Path) -> N
     assert "LeafSpec" not in console  # a library-internal deprecation a user cannot act on
 
 
-@pytest.mark.slow
 def test_non_editable_install_trains(tmp_path: Path) -> None:
     """pip install (no -e) into a fresh folder, then ``python -m t2i_train`` from another directory trains."""
     target, source = tmp_path / "site", tmp_path / "source"
