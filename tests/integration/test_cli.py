@@ -208,7 +208,7 @@ def test_train_sample_manifest_end_to_end(shards: Path, tmp_path: Path) -> None:
         "data.image_size=32",
         "data.fields=[image_tokens]",
         "data.load_images=false",
-        f"model.tokenizer_checkpoint={vq}/checkpoints/last.ckpt",
+        f"model.image_tokenizer_checkpoint={vq}/checkpoints/last.ckpt",
         "trainer.max_steps=2",
         f"hydra.run.dir={muse}",
         *TINY_TRAIN,
