@@ -15,7 +15,7 @@ them, for error messages and summaries.
 | ``Reconstructor`` | ``reconstruct(images in [-1,1]) -> images in [-1,1]`` | vqgan, vae |
 | ``Interpolator`` | ``interpolate(prompts_a, prompts_b, mode, steps, seed) -> [steps,3,H,W]`` | galip |
 | ``PreEncoder`` | ``pre_encode(images in [-1,1]) -> {field: tensor}`` | vqgan, vae, clip |
-| ``ClipScorerSource`` | ``clip_scorer() -> a CLIP with encode_image / encode_text`` | galip, clip |
+| ``ClipScorerSource`` | ``clip_scorer() -> a CLIP with encode_image / encode_text`` | galip, clip, captioner |
 | ``Retriever`` | ``retrieve(queries, k) -> indices [B, k]`` | (GILL, CM3leon) |
 """
 

@@ -238,3 +238,17 @@ def test_prefix_noise_only_in_training(scenes: dict[str, Any]) -> None:
     assert not torch.equal(model.prefix_embeds(scenes["image"]), model.prefix_embeds(scenes["image"]))
     with pytest.raises(ConfigError, match="prefix_noise"):
         tiny(prefix_noise=-1.0)
+
+
+def test_validation_metrics_score_the_first_shapes_batch(scenes: dict[str, Any]) -> None:
+    """The family hook the generic task logs as val/<style>_all (it replaced a captioner task subclass)."""
+    from t2i_train.metrics.caption_accuracy import caption_accuracy
+
+    model = tiny(validation_captions=2, validation_caption_tokens=8).eval()
+    metrics = model.validation_metrics(scenes, 0)
+    assert set(metrics) == {f"{style}_all" for style in model.style_probs}
+    captions = model.caption(scenes["image"][:2], style="dsc", method="greedy", max_new_tokens=8)
+    assert metrics["dsc_all"] == caption_accuracy(captions, scenes["meta"][:2])["all"]
+    assert model.validation_metrics(scenes, 1) == {}  # the first batch only
+    assert model.validation_metrics({**scenes, "meta": [{}] * 3}, 0) == {}  # not shapes data
+    assert tiny(validation_captions=0).validation_metrics(scenes, 0) == {}
