@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2i_train.weights import no_weight_loading
+from t2i_train.models.loading import no_weight_loading
 
 
 def count(module: nn.Module) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """`python -m t2i_train.sample checkpoint=PATH prompts_file=FILE|prompts='[..]' output_dir=DIR ...`
 
 Writes ``DIR/<n>.png`` for every image (native resolution), ``DIR/grid.png`` (the images upscaled for viewing,
-each row labelled with its prompt; ``grid_cell=N`` px per image, when the config names it) and ``DIR/manifest.jsonl`` with
+each row labelled with its prompt; ``grid_cell=N`` px per image) and ``DIR/manifest.jsonl`` with
 one line per image: ``{"prompt": ..., "file": "<n>.png", "seed": ..., "batch_seed": ...}``. Images are drawn in
 batches of ``batch_size``; the generator of each batch is seeded with ``batch_seed = seed + n_first`` so the
 same command reproduces the same files. Sampling options default to those the run sampled its grids with
@@ -35,6 +35,7 @@ from t2i_train.cli.common import (
     check_values,
     close_keys,
     fail,
+    hydra_argv,
     no_empty_dir_on_error,
     numeric_kinds,
     user_errors_exit,
@@ -203,7 +204,9 @@ def write_samples(
 
 
 def main() -> None:
-    sys.argv[1:] = apply_trust_argument(sys.argv[1:])  # trust_checkpoint=true (see t2i_train.checkpoint_io)
+    sys.argv[1:] = hydra_argv(
+        apply_trust_argument(sys.argv[1:])
+    )  # trust_checkpoint=true; brace patterns quoted
     check_upsampler_args(sys.argv[1:])
     sys.argv[1:] = allow_new_keys(sys.argv[1:], ("sampling.",))
     check_overrides(sys.argv[1:], "sample")  # a typo'd option: one line naming the closest ones

@@ -14,7 +14,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from t2i_train.cli.common import CONF_DIR, check_group_choices, user_errors_exit
+from t2i_train.cli.common import CONF_DIR, check_group_choices, hydra_argv, user_errors_exit
 from t2i_train.model_summary import build_on_meta, summarize
 
 USAGE = """usage: python -m t2i_train.summary [overrides ...]
@@ -37,7 +37,7 @@ def run(overrides: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = hydra_argv(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return

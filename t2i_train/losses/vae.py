@@ -16,7 +16,7 @@ import torch
 
 from t2i_train.losses.base import Loss
 from t2i_train.losses.vqgan import VGGPerceptual, find_vgg_weights
-from t2i_train.weights import weight_loading_enabled
+from t2i_train.models.loading import weight_loading_enabled
 
 
 class VAELoss(Loss):

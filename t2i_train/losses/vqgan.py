@@ -27,7 +27,7 @@ from torch import nn
 
 from t2i_train.errors import ConfigError
 from t2i_train.losses.base import Loss
-from t2i_train.weights import weight_loading_enabled
+from t2i_train.models.loading import weight_loading_enabled
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's name for the ImageNet VGG16 weights
 _STAT_KEYS = (

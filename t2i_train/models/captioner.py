@@ -2,13 +2,15 @@
 
 DALL-E 3 (Betker et al. 2023) recaptions its training images with a captioner trained as a language model on
 CLIP image embeddings; it first learns short synthetic captions of the main subject (SSC), then descriptive
-ones (DSC). Here both styles are trained jointly and chosen at decoding time by a style prompt:
+ones (DSC). The two names stay short in configs and CLIs: ``ssc`` = short synthetic caption (the main subject,
+one sentence), ``dsc`` = descriptive synthetic caption (the whole scene: colours, positions, background).
+Here both styles are trained jointly and chosen at decoding time by a style prompt:
 
     [image prefix: P tokens] [style prompt, e.g. "describe:"] [caption tokens] [EOS]
 
-- ``clip``: a frozen CLIP image tower (``t2i_train.models.clip.load_frozen_clip``: a ``model=clip`` checkpoint
-  or export in ``clip_checkpoint``, an open_clip name + ``clip_pretrained`` tag, or a random tiny CLIP for
-  smoke tests).
+- ``clip``: a frozen CLIP image tower, one config node built by ``t2i_train.models.clip.load_frozen_clip``
+  (a ``model=clip`` checkpoint or export in ``clip.checkpoint``, an open_clip ``clip.model_name`` +
+  ``clip.pretrained`` tag, or a random tiny CLIP for smoke tests).
 - ``prefix`` (trainable): ``prefix="embedding"`` maps the pooled, L2-normalised CLIP image embedding through
   an MLP to ``prefix_tokens`` tokens of the LM's width (ClipCap, Mokady et al. 2021); ``prefix="patches"``
   projects the final ViT tokens (CLS + patches) one by one.
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -53,6 +55,9 @@ from t2i_train.text.causal_lm import (
     seeded_generate,
 )
 
+if TYPE_CHECKING:
+    from t2i_train.models.clip import FrozenCLIP
+
 PREFIX_MODES: tuple[str, ...] = ("embedding", "patches")
 #: The tiny LM of the shapes world: 4 GPT-2 blocks of width 128 over ByT5's 384 byte-level ids.
 TINY_LM_CONFIG: dict[str, Any] = TINY_GPT2_CONFIG
@@ -66,9 +71,10 @@ class Captioner(Family):
     """Image -> caption language model on frozen CLIP features, two caption styles (see the module docstring).
 
     Args:
-        clip_checkpoint, clip_model_name, clip_pretrained, clip_config, clip_context_length, clip_init_seed:
-            the frozen CLIP, as for GALIP (``load_frozen_clip``). A checkpoint or pretrained tag makes it an
-            external frozen part (left out of training checkpoints, rebuilt from its source).
+        clip: the frozen CLIP, as for GALIP: a ``FrozenCLIP`` (what the node ``clip: {_target_:
+            t2i_train.models.clip.load_frozen_clip, checkpoint, model_name, pretrained, config, ...}`` builds)
+            or those arguments as a mapping. A checkpoint or pretrained tag makes it an external frozen part
+            (left out of training checkpoints, rebuilt from its source).
         prefix: ``embedding`` (pooled embedding -> ``prefix_tokens`` tokens) or ``patches`` (ViT tokens).
         prefix_tokens: tokens of the ``embedding`` prefix; ``prefix_hidden``: the mappers' hidden width (0: a
             linear map).
@@ -83,21 +89,21 @@ class Captioner(Family):
         style_probs: style -> the probability a training sample is taught that style.
         max_caption_tokens: captions are cut to this many tokens (EOS included); the default decode length.
         init_seed: random initialisation of the LM and the mapper (identical in every process).
+        validation_captions: on the first validation batch, when the samples' JSON carries the shapes world's
+            colour/shape/position, this many images are captioned greedily per style and the fraction naming
+            all three is logged as ``val/<style>_all`` (``validation_metrics``); 0: off.
+        validation_caption_tokens: the decode length of those captions (the shapes captions name their
+            attributes in the first sentence; an untrained LM decodes to this limit).
     """
 
     family_name: ClassVar[str] = "captioner"
     accepted_losses: ClassVar[tuple[type[nn.Module], ...]] = (NextTokenCrossEntropy,)
-    task_class: ClassVar[str] = "t2i_train.captioner_task.CaptionerTask"
     block_classes: ClassVar[tuple[type[nn.Module], ...]] = (GPT2Block,)
+    external_paths: ClassVar[tuple[str, ...]] = ("clip.checkpoint",)
 
     def __init__(
         self,
-        clip_checkpoint: str | None = None,
-        clip_model_name: str | None = None,
-        clip_pretrained: str | None = None,
-        clip_config: dict[str, Any] | None = None,
-        clip_context_length: int = 32,
-        clip_init_seed: int = 0,
+        clip: FrozenCLIP | Mapping[str, Any] | None = None,
         prefix: str = "embedding",
         prefix_tokens: int = 8,
         prefix_hidden: int = 256,
@@ -111,9 +117,11 @@ class Captioner(Family):
         style_probs: dict[str, float] | None = None,
         max_caption_tokens: int = 224,
         init_seed: int = 0,
+        validation_captions: int = 32,
+        validation_caption_tokens: int = 128,
     ) -> None:
         super().__init__()
-        from t2i_train.models.clip import load_frozen_clip  # open_clip
+        from t2i_train.models.clip import frozen_clip  # open_clip
 
         if prefix not in PREFIX_MODES:
             raise ConfigError(f"model.prefix must be one of {', '.join(PREFIX_MODES)}, got {prefix!r}")
@@ -128,15 +136,10 @@ class Captioner(Family):
             raise ConfigError(f"model.prefix_noise must be >= 0, got {prefix_noise}")
         self.prefix_mode, self.max_caption_tokens = prefix, int(max_caption_tokens)
         self.prefix_noise = float(prefix_noise)
-        self.clip = load_frozen_clip(
-            clip_checkpoint,
-            clip_model_name,
-            clip_pretrained,
-            clip_config,
-            clip_context_length,
-            clip_init_seed,
-        )
-        self.freeze("clip", external=bool(clip_checkpoint or clip_pretrained))
+        self.validation_captions = int(validation_captions)
+        self.validation_caption_tokens = int(validation_caption_tokens)
+        self.clip = frozen_clip(clip)
+        self.freeze("clip", external=self.clip.has_weights)
         self.tokenizer = build_tokenizer(tokenizer or lm_pretrained)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
@@ -337,6 +340,37 @@ class Captioner(Family):
         )
         texts = [self._decode(row) for row in ids.tolist()]
         return self._best_by_clip(images, texts, rerank) if rerank > 1 else texts
+
+    @classmethod
+    def upgrade_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Configs from before the CLIP was one node (flat ``clip_*`` keys) read as today's."""
+        from t2i_train.models.clip import nest_clip_keys
+
+        return nest_clip_keys(super().upgrade_config(config))
+
+    def clip_scorer(self) -> FrozenCLIP:
+        """Its frozen CLIP (which also reranks decoding candidates), as a scorer (capability ``clip_scorer``)."""
+        return self.clip
+
+    def validation_metrics(self, batch: dict[str, Any], batch_index: int) -> dict[str, float | torch.Tensor]:
+        """``<style>_all`` per style on the first validation batch of shapes data: the fraction of
+        ``validation_captions`` greedy captions (at most ``validation_caption_tokens`` tokens) that name the
+        sample's colour, shape and position (``t2i_train.metrics.caption_accuracy``); other data: none."""
+        if batch_index != 0 or self.validation_captions <= 0:
+            return {}
+        from t2i_train.metrics.caption_accuracy import caption_accuracy, has_attributes
+
+        metas = list(batch.get("meta") or [])[: self.validation_captions]
+        if not metas or not all(has_attributes(m) for m in metas):
+            return {}
+        images = batch["image"][: len(metas)]
+        out: dict[str, float | torch.Tensor] = {}
+        for style in self.style_probs:
+            captions = self.caption(
+                images, style=style, method="greedy", max_new_tokens=self.validation_caption_tokens
+            )
+            out[f"{style}_all"] = caption_accuracy(captions, metas)["all"]
+        return out
 
     def _best_by_clip(self, images: torch.Tensor, texts: list[str], per_image: int) -> list[str]:
         """For each image, the one of its ``per_image`` consecutive candidate ``texts`` CLIP scores highest

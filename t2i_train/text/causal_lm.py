@@ -36,7 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Co
 
 from t2i_train.errors import ConfigError
 from t2i_train.losses.cross_entropy import IGNORE_INDEX
-from t2i_train.weights import weight_loading_enabled
+from t2i_train.models.loading import weight_loading_enabled
 
 DECODING_METHODS: tuple[str, ...] = ("greedy", "beam", "top_p")
 #: The tiny LM of the shapes world: 4 GPT-2 blocks of width 128 (over ByT5's 384 byte-level ids by default).

@@ -3,7 +3,7 @@
 Two ways to build it:
 
 - ``pretrained="google/t5-v1_1-xxl"`` (or a local directory written by ``save_pretrained``): weights come
-  from ``from_pretrained`` — but only while ``t2i_train.weights.weight_loading_enabled()``; otherwise (the
+  from ``from_pretrained`` — but only while ``t2i_train.models.loading.weight_loading_enabled()``; otherwise (the
   summary CLI on the meta device) the same architecture is built from the explicit dimensions, which must
   therefore describe the pretrained model.
 - ``pretrained=None``: a randomly initialised encoder from the explicit dimensions. The weights are drawn
@@ -22,8 +22,8 @@ import torch
 from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 
 from t2i_train.errors import ConfigError
+from t2i_train.models.loading import weight_loading_enabled
 from t2i_train.text.base import PromptCache, TextEncoder
-from t2i_train.weights import weight_loading_enabled
 
 BYTE_TOKENIZER = "byt5"
 #: CLIP's BPE vocabulary (49,408 ids, from open_clip's bundled file): one token per common word, no download

@@ -21,8 +21,8 @@ from t2i_train.checkpoint import (
     without_stage1_paths,
 )
 from t2i_train.cli.common import CONF_DIR
-from t2i_train.cli.export import export
 from t2i_train.errors import CheckpointError
+from t2i_train.export_folder import export
 from t2i_train.text.t5 import T5TextEncoder
 from t2i_train.training import train
 

@@ -30,7 +30,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     proc = run_cli(
         "t2i_train",
         "experiment=shapes_galip",
-        f"model.clip_checkpoint={clip_ckpt}",
+        f"model.clip.checkpoint={clip_ckpt}",
         "trainer.max_steps=2",
         f"hydra.run.dir={galip}",
         *data,

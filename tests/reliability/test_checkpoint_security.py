@@ -79,7 +79,7 @@ def commands(path: Path, tmp: Path, shards: Path) -> dict[str, list[str]]:
         "caption_accuracy": ["t2i_train.metrics.caption_accuracy", f"checkpoint={path}"],
         "resume": ["t2i_train", *TINY_TRAIN, f"resume={path}", f"hydra.run.dir={tmp}/run", "trainer.max_steps=3"],
         "stage1": [
-            "t2i_train", *TINY_TRAIN, f"model.tokenizer_checkpoint={path}", f"hydra.run.dir={tmp}/run1",
+            "t2i_train", *TINY_TRAIN, f"model.image_tokenizer_checkpoint={path}", f"hydra.run.dir={tmp}/run1",
             "trainer.max_steps=1",
         ],
     }  # fmt: skip

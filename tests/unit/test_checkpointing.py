@@ -54,7 +54,7 @@ def test_export_round_trip(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
     from t2i_train.checkpoint import load_family
-    from t2i_train.cli.export import export
+    from t2i_train.export_folder import export
     from t2i_train.models.vqgan import VQGAN
 
     model_cfg = {

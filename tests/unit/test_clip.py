@@ -214,7 +214,7 @@ def clip_run(tmp_path_factory: pytest.TempPathFactory, small_data_overrides: lis
 
 def test_frozen_clip_from_a_trained_checkpoint_and_its_export(clip_run: Path, tmp_path: Path) -> None:
     from t2i_train.checkpoint import load_family
-    from t2i_train.cli.export import export
+    from t2i_train.export_folder import export
 
     ckpt = clip_run / "checkpoints" / "last.ckpt"
     trained = load_family(ckpt)

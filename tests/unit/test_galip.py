@@ -210,9 +210,10 @@ def test_interpolation_strips_and_their_endpoints(model: GALIP) -> None:
 
 # ------------------------------------------------------------------------------------- paper size
 def test_paper_size_parameter_counts_within_two_percent() -> None:
-    from t2i_train.cli.summary import run
+    from t2i_train.model_summary import build_on_meta, summarize
+    from tests.helpers import compose_train
 
-    report = run(["experiment=galip_coco"])
+    report = summarize(build_on_meta(compose_train(["experiment=galip_coco"])))
     parts = report["components"]
     expected = {"generator": 51.83e6, "discriminator": 28.71e6, "netc": 2.10e6}
     for name, count in expected.items():
@@ -304,7 +305,7 @@ def _adam_steps(ckpt: dict) -> list[int]:
 
 def test_trains_resumes_both_optimizers_and_exports(tmp_path: Path, small_data_overrides: list[str]) -> None:
     from t2i_train.checkpoint import load_family
-    from t2i_train.cli.export import export
+    from t2i_train.export_folder import export
 
     run_dir = tmp_path / "run"
     assert _train(_overrides(run_dir, small_data_overrides, 2))["global_step"] == 2
@@ -380,7 +381,7 @@ def test_trains_through_a_trained_clip_checkpoint(tmp_path: Path, small_data_ove
     """A stage-1 ``model=clip`` run feeds GALIP's frozen CLIP: external (left out of GALIP's training
     checkpoints, rebuilt from the clip checkpoint on load), but inside the export."""
     from t2i_train.checkpoint import load_family
-    from t2i_train.cli.export import export
+    from t2i_train.export_folder import export
     from t2i_train.training import train
 
     clip_dir = tmp_path / "clip"

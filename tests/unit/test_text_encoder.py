@@ -9,9 +9,9 @@ import torch
 from transformers import ByT5Tokenizer
 
 from t2i_train.errors import ConfigError
+from t2i_train.models.loading import no_weight_loading
 from t2i_train.text.base import pad_condition
 from t2i_train.text.t5 import T5TextEncoder
-from t2i_train.weights import no_weight_loading
 
 PROMPTS = ["a red circle in the top left", "top: a blue square", ""]
 
