@@ -265,10 +265,13 @@ def hydra_argv(argv: list[str]) -> list[str]:
 
 def check_shell_expanded(argv: list[str]) -> None:
     """Fail with one line when adjacent overrides set the same key: what bash makes of an unquoted brace pattern
-    (``a=/d/{0..2}.tar`` becomes ``a=/d/0.tar a=/d/1.tar a=/d/2.tar``, and Hydra would silently keep the last)."""
+    (``a=/d/{0..2}.tar`` becomes ``a=/d/0.tar a=/d/1.tar a=/d/2.tar``, and Hydra would silently keep the last).
+
+    ``hydra.*`` keys are left out: Lightning's DDP launcher starts the other ranks with the parent's command plus
+    its own ``hydra.run.dir=...``, right after the user's."""
     keys = [(argv[i].partition("=")[0].lstrip("+~"), i) for i in override_positions(argv) if "=" in argv[i]]
     for (key, i), (next_key, j) in itertools.pairwise(keys):
-        if key == next_key and j == i + 1:
+        if key == next_key and j == i + 1 and not key.startswith("hydra."):
             count = sum(1 for k, _ in keys if k == key)
             fail(
                 f"{key} is given {count} times in a row; the shell expanded an unquoted brace pattern? Quote it: "

@@ -107,6 +107,12 @@ def test_an_unquoted_brace_pattern_the_shell_expanded_is_one_line(capsys: pytest
     )  # not adjacent: fine
 
 
+def test_lightning_ddp_rank_command_with_its_own_run_dir_is_accepted() -> None:
+    """Lightning starts rank 1 with the parent's argv plus ``hydra.run.dir=...`` right after the user's."""
+    argv = ["model=muse", "hydra.run.dir=/tmp/run", "hydra.run.dir=/tmp/run"]
+    assert hydra_argv(argv) == argv
+
+
 def user_experiment(folder: Path, name: str = "my_run") -> Path:
     (folder / "experiment").mkdir(parents=True)
     (folder / "experiment" / f"{name}.yaml").write_text(
