@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -38,21 +37,12 @@ class PreEncode:
 
     @torch.no_grad()
     def __call__(self, raws: list[dict[str, Any]]) -> list[dict[str, bytes] | str]:
-        from t2i_train.data.transforms import SkipSample, decode_image, first_image_key, to_batch
+        from t2i_train.data.transforms import decode_for_rewrite
 
-        results: list[dict[str, bytes] | str] = []
-        images, slots = [], []
-        for raw in raws:
-            try:
-                data = raw[first_image_key(raw)]
-                images.append(decode_image(data, self.image_size, self.resize, False, random.Random(0)))
-                slots.append(len(results))
-                results.append({})
-            except SkipSample as exc:
-                results.append(str(exc))
-        if not images:
+        images, slots, results = decode_for_rewrite(raws, self.image_size, self.resize)
+        if images is None:
             return results
-        encoded = self.model.pre_encode(to_batch(images).to(self.device))
+        encoded = self.model.pre_encode(images.to(self.device))
         for name, values in encoded.items():
             array = values.cpu().numpy()
             self.fields[name] = {"dtype": str(array.dtype), "shape": list(array.shape[1:])}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 import zlib
 from pathlib import Path
@@ -50,22 +49,13 @@ class Recaption:
 
     @torch.no_grad()
     def __call__(self, raws: list[dict[str, Any]]) -> list[dict[str, bytes] | str]:
-        from t2i_train.data.transforms import SkipSample, decode_image, first_image_key, to_batch
+        from t2i_train.data.transforms import decode_for_rewrite
 
-        results: list[dict[str, bytes] | str] = []
-        images, slots = [], []
-        for raw in raws:
-            try:
-                data = raw[first_image_key(raw)]
-                images.append(decode_image(data, self.image_size, "center_crop", False, random.Random(0)))
-                slots.append(len(results))
-                results.append({})
-            except SkipSample as exc:
-                results.append(str(exc))
-        if not images:
+        images, slots, results = decode_for_rewrite(raws, self.image_size, "center_crop")
+        if images is None:
             return results
         captions = self.model.caption(
-            to_batch(images).to(self.device), style=self.style, seed=self.batch_seed(raws), **self.decoding
+            images.to(self.device), style=self.style, seed=self.batch_seed(raws), **self.decoding
         )
         for slot, caption in zip(slots, captions, strict=True):
             results[slot] = self._members(raws[slot], caption)

@@ -89,6 +89,28 @@ def to_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
     return array.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
 
 
+def decode_for_rewrite(
+    raws: Sequence[Mapping[str, Any]], image_size: int, resize: str
+) -> tuple[torch.Tensor | None, list[int], list[dict[str, bytes] | str]]:
+    """Deterministic decode of a batch of raw shard samples for the shard-rewriting jobs (encode, recaption).
+
+    Returns (images [N, 3, S, S] in [-1, 1] or None when none decoded, the result slot of each image, results):
+    ``results`` holds one entry per raw sample, an empty dict to fill for a decoded one and the skip reason
+    (a string) for one that could not be decoded.
+    """
+    results: list[dict[str, bytes] | str] = []
+    images, slots = [], []
+    for raw in raws:
+        try:
+            data = raw[first_image_key(raw)]
+            images.append(decode_image(data, image_size, resize, False, random.Random(0)))
+            slots.append(len(results))
+            results.append({})
+        except SkipSample as exc:
+            results.append(str(exc))
+    return (to_batch(images) if images else None), slots, results
+
+
 def parse_meta(raw: Mapping[str, Any]) -> dict[str, Any]:
     """The sample's JSON as a dict ({} when absent or unparsable)."""
     data = raw.get("json")

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from t2i_train.cli.sample import check_upsampler_args
-from tests.helpers import assert_one_line_error, run_cli
-from tests.helpers import save_tiny_lm as _save_lm
+from tests.helpers import assert_one_line_error, run_cli, save_tiny_lm
 
 PROMPTS = "prompts=[a red circle in the top left,a dog on a skateboard]"
 
@@ -86,7 +85,7 @@ def test_user_template_string_from_the_command_line(muse_ckpt: Path, tmp_path: P
 
 
 def test_causal_lm_upsampler_from_a_saved_directory(muse_ckpt: Path, tmp_path: Path) -> None:
-    lm = _save_lm(tmp_path / "lm", constant_token="x")
+    lm = save_tiny_lm(tmp_path / "lm", constant_token="x")
     out = tmp_path / "lm_out"
     proc = _sample(
         muse_ckpt,

@@ -6,8 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, ByT5Tokenizer
 
 from t2i_train.data.synthetic import DESCRIPTIVE_TEMPLATES, all_combinations, canonical_prompt
 from t2i_train.errors import ConfigError
@@ -19,6 +18,7 @@ from t2i_train.text.upsampler import (
     first_line,
     parse_shapes_prompt,
 )
+from tests.helpers import save_tiny_lm
 
 # --- template -----------------------------------------------------------------------------------------------
 
@@ -120,39 +120,9 @@ def test_none_and_bad_choices() -> None:
 # --- causal LM ----------------------------------------------------------------------------------------------
 
 
-def _save_lm(path: Path, n_positions: int = 1024, constant_token: str | None = None) -> Path:
-    """A tiny GPT2 over ByT5's byte vocabulary, saved with its tokenizer like a downloaded model.
-
-    ``constant_token``: weights that make every next-token distribution peak on that one character.
-    """
-    tokenizer = ByT5Tokenizer()
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=n_positions,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(config)
-    if constant_token is not None:
-        (token_id,) = tokenizer(constant_token, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():  # final hidden state = ln_f.bias = 1; logits = wte @ 1 (tied head)
-            model.transformer.ln_f.weight.zero_()
-            model.transformer.ln_f.bias.fill_(1.0)
-            model.transformer.wte.weight.zero_()
-            model.transformer.wte.weight[token_id] = 1.0
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save_lm(tmp_path_factory.mktemp("tiny_gpt2"))
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_gpt2"))
 
 
 def test_saved_tokenizer_loads_back_through_auto_tokenizer(tiny_lm: Path) -> None:
@@ -173,21 +143,21 @@ def test_causal_lm_is_deterministic_and_batching_does_not_change_it(tiny_lm: Pat
 
 def test_causal_lm_returns_only_the_continuation(tmp_path: Path) -> None:
     upsampler = build_upsampler(
-        "causal_lm", model=str(_save_lm(tmp_path, constant_token="x")), max_new_tokens=7
+        "causal_lm", model=str(save_tiny_lm(tmp_path, constant_token="x")), max_new_tokens=7
     )
     assert upsampler.instruction == DEFAULT_INSTRUCTION
     assert upsampler(["a red circle in the top left", "b"]) == ["xxxxxxx", "xxxxxxx"]
 
 
 def test_empty_continuation_falls_back_to_the_prompt(tmp_path: Path) -> None:
-    upsampler = CausalLMUpsampler(model=str(_save_lm(tmp_path, constant_token="\n")), max_new_tokens=4)
+    upsampler = CausalLMUpsampler(model=str(save_tiny_lm(tmp_path, constant_token="\n")), max_new_tokens=4)
     assert upsampler(["a red circle in the top left"]) == ["a red circle in the top left"]
     assert first_line("  A blue square.\nShort: next") == "A blue square."
     assert first_line(" \n ") == ""
 
 
 def test_prompt_longer_than_the_lm_context_is_one_error(tmp_path: Path) -> None:
-    upsampler = CausalLMUpsampler(model=str(_save_lm(tmp_path, n_positions=128)), max_new_tokens=8)
+    upsampler = CausalLMUpsampler(model=str(save_tiny_lm(tmp_path, n_positions=128)), max_new_tokens=8)
     with pytest.raises(ConfigError, match="exceed the LM's 128 positions"):
         upsampler(["a red circle"])  # the default instruction alone is ~500 bytes
 
