@@ -15,6 +15,7 @@ them, for error messages and summaries.
 | ``Reconstructor`` | ``reconstruct(images in [-1,1]) -> images in [-1,1]`` | vqgan, vae |
 | ``Interpolator`` | ``interpolate(prompts_a, prompts_b, mode, steps, seed) -> [steps,3,H,W]`` | galip |
 | ``PreEncoder`` | ``pre_encode(images in [-1,1]) -> {field: tensor}`` | vqgan, vae, clip |
+| ``CaptionPreEncoder`` | ``pre_encode_captions(captions) -> {field: tensor}`` | gill |
 | ``ClipScorerSource`` | ``clip_scorer() -> a CLIP with encode_image / encode_text`` | galip, clip, captioner |
 | ``Retriever`` | ``retrieve(queries, k) -> indices [B, k]`` | (GILL, CM3leon) |
 """
@@ -52,6 +53,14 @@ class PreEncoder(Protocol):
 
 
 @runtime_checkable
+class CaptionPreEncoder(Protocol):
+    """Per-sample fields computed from the caption (GILL's generation target: a frozen text encoder's output),
+    stored by ``python -m t2i_train.encode`` as ``<field>.npy`` so training runs no encoder."""
+
+    def pre_encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
 class ClipScorerSource(Protocol):
     def clip_scorer(self) -> Any: ...
 
@@ -67,6 +76,7 @@ CAPABILITIES: dict[str, type] = {
     "reconstruct": Reconstructor,
     "interpolate": Interpolator,
     "pre_encode": PreEncoder,
+    "pre_encode_captions": CaptionPreEncoder,
     "clip_scorer": ClipScorerSource,
     "retrieve": Retriever,
 }
