@@ -9,11 +9,12 @@ Shared by the families and tools that drive a causal LM:
 
 Four groups of helpers:
 
-- **build / load**: :func:`build_tokenizer` (a name or folder, or ByT5's byte-level tokenizer, which needs no
-  file), :func:`build_causal_lm` (pretrained weights, or a ``GPT2LMHeadModel`` from a ``GPT2Config`` dict sized
-  to the tokenizer), :func:`load_causal_lm` (model + left-padding tokenizer, with one-line errors and
+- **build / load**: :func:`build_tokenizer` (a name or folder, ``clip_bpe`` (CLIP's word-level BPE, built
+  offline) or ByT5's byte-level tokenizer, which needs no file), :func:`build_causal_lm` (pretrained weights,
+  a ``GPT2LMHeadModel`` from a ``GPT2Config`` dict sized to the tokenizer, or any architecture from a dict with
+  ``model_type``), :func:`load_causal_lm` (model + left-padding tokenizer, with one-line errors and
   ``HF_HUB_OFFLINE``), :func:`add_tokens` (new special tokens such as GILL's [IMG] tokens, embeddings
-  grown to match), :func:`lm_width`, :func:`lm_max_positions`;
+  grown to match), :func:`start_ids`, :func:`lm_width`, :func:`lm_hidden_size`, :func:`lm_max_positions`;
 - **prefix**: :func:`mapper`, :class:`EmbeddingPrefix` (ClipCap), :class:`PatchPrefix`; :func:`embed_ids`,
   :func:`prefix_lm_logits` (the LM on [prefix, tokens] with next-token targets on the taught tokens only);
 - **decoding options**: :func:`decoding_options` (``greedy`` / ``beam`` / ``top_p``), :func:`rerank_options`,
@@ -60,16 +61,43 @@ def byte_tokenizer() -> Any:
     return ByT5Tokenizer()
 
 
-def build_tokenizer(name: str | None) -> Any:
-    """``AutoTokenizer.from_pretrained(name)``, or the byte-level ByT5 tokenizer when ``name`` is None.
+#: ``build_tokenizer``'s name of CLIP's BPE vocabulary (``t2i_train.text.clip_bpe``), built without a download.
+CLIP_BPE = "clip_bpe"
 
-    The tokenizer must have an EOS token: the prefix LMs here end every taught sequence with it.
+
+def clip_tokenizer_copy() -> Any:
+    """CLIP's BPE tokenizer as a ``CLIPTokenizer`` (EOS ``<|endoftext|>``, also its pad), a private copy.
+
+    ``clip_bpe_tokenizer()`` is cached (one instance per process); a copy keeps ``add_tokens`` on one model's
+    tokenizer (GILL's [IMG] tokens) out of every other tokenizer built afterwards. A deep copy is ~10x faster
+    than a fresh build, but loses the ``</w>`` stripping ``CLIPTokenizer`` patches onto its backend's
+    ``decode``: it is patched again.
+    """
+    import copy
+
+    from t2i_train.text.clip_bpe import clip_bpe_tokenizer
+
+    tokenizer = copy.deepcopy(clip_bpe_tokenizer())
+    rewrap = getattr(tokenizer, "_wrap_decode_method_backend_tokenizer", None)
+    if callable(rewrap):
+        rewrap()
+    return tokenizer
+
+
+def build_tokenizer(name: str | None) -> Any:
+    """``AutoTokenizer.from_pretrained(name)``; ``"clip_bpe"``: CLIP's BPE vocabulary (word-level, 49,408 ids,
+    no download: a tiny LM reads words far better than bytes); None: the byte-level ByT5 tokenizer.
+
+    The tokenizer must have an EOS token: the prefix LMs here end every taught sequence with it. CLIP's pads
+    with EOS (its own pad token is ``<|endoftext|>``; set so if a version has none).
     """
     if name is None:
         return byte_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = clip_tokenizer_copy() if name == CLIP_BPE else AutoTokenizer.from_pretrained(name)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer {name!r} has no EOS token; the captioner ends captions with one")
+    if name == CLIP_BPE and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
@@ -85,12 +113,22 @@ def build_causal_lm(
     (``GPT2Config`` keys; a None value keeps the default). Vocabulary size and special ids default to the
     tokenizer's; ``key`` names ``config`` in the error for a vocabulary smaller than the tokenizer's.
 
+    A ``config`` with ``model_type`` (``opt``, ``llama``, ...) is any transformers architecture:
+    ``AutoConfig.for_model(model_type, **rest)`` (``defaults`` do not apply). With ``pretrained`` set, such a
+    config is the architecture built when weights are not loaded (``no_weight_loading()``, the meta device), so
+    a summary of a paper-size LM reads no file and needs no network; when they are loaded, the pretrained
+    model's own config is used and ``config`` is ignored.
+
     The random init draws from the global RNG: seed it (in a ``fork_rng``) for the same LM in every process.
     """
+    typed = config is not None and config.get("model_type") is not None
     if pretrained:
         if weight_loading_enabled() and torch.empty(0).device.type != "meta":
             return AutoModelForCausalLM.from_pretrained(pretrained)
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained))
+        if not typed:
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained))
+    if typed:
+        return _typed_causal_lm(dict(config or {}), tokenizer, key)
     vocab_size = len(tokenizer)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -100,6 +138,30 @@ def build_causal_lm(
     if options["vocab_size"] < vocab_size:
         raise ConfigError(f"{key}.vocab_size {options['vocab_size']} < the tokenizer's {vocab_size}")
     return GPT2LMHeadModel(GPT2Config(**options))
+
+
+def _special_ids(tokenizer: Any) -> dict[str, int]:
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
+
+
+def _typed_causal_lm(config: dict[str, Any], tokenizer: Any, key: str) -> nn.Module:
+    """``AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **rest))``; the vocabulary size and
+    special ids default to the tokenizer's (None values too)."""
+    model_type = str(config.pop("model_type"))
+    options = {k: v for k, v in config.items() if v is not None}
+    for name, value in _special_ids(tokenizer).items():
+        options.setdefault(name, value)
+    options.setdefault("vocab_size", len(tokenizer))
+    if options["vocab_size"] < len(tokenizer):
+        raise ConfigError(f"{key}.vocab_size {options['vocab_size']} < the tokenizer's {len(tokenizer)}")
+    try:
+        arch = AutoConfig.for_model(model_type, **options)
+    except ValueError as exc:
+        raise ConfigError(f"{key}.model_type={model_type}: {str(exc).splitlines()[0]}") from None
+    return AutoModelForCausalLM.from_config(arch)
 
 
 def load_causal_lm(
@@ -171,6 +233,23 @@ def add_tokens(lm: Any, tokenizer: Any, tokens: Sequence[str]) -> list[int]:
 def lm_width(lm: nn.Module) -> int:
     """The width of the LM's token embeddings (what a prefix must produce)."""
     return int(lm.get_input_embeddings().embedding_dim)
+
+
+def lm_hidden_size(lm: nn.Module) -> int:
+    """The LM's hidden size (``config.hidden_size``: GPT-2's ``n_embd``, OPT's ``hidden_size``); OPT-350m's
+    token embeddings are narrower (``word_embed_proj_dim``, what :func:`lm_width` gives)."""
+    return int(lm.config.hidden_size)
+
+
+def start_ids(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before a text with ``add_special_tokens=True`` (CLIP's ``<|startoftext|>``;
+    none for GPT-2 or ByT5): an LM trained on texts that start with them is prompted with them too."""
+    full = list(tokenizer("x")["input_ids"])
+    plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
 
 
 def lm_max_positions(lm: nn.Module) -> int | None:
