@@ -17,14 +17,22 @@ them, for error messages and summaries.
 | ``PreEncoder`` | ``pre_encode(images in [-1,1]) -> {field: tensor}`` | vqgan, vae, clip |
 | ``CaptionPreEncoder`` | ``pre_encode_captions(captions) -> {field: tensor}`` | gill |
 | ``ClipScorerSource`` | ``clip_scorer() -> a CLIP with encode_image / encode_text`` | galip, clip, captioner |
-| ``Retriever`` | ``retrieve(queries, k) -> indices [B, k]`` | (GILL, CM3leon) |
+| ``RetrievalEmbedder`` | ``embed_images_for_retrieval(images in [-1,1])``, ``embed_prompts_for_retrieval(prompts)`` -> [B,D] (L2-normalised float32, one space) | clip |
+| ``Retriever`` | ``retrieve(prompts, k=1, index=DIR) -> list[list[RetrievalHit]]`` (best first) | clip (GILL, CM3leon) |
+
+``RetrievalEmbedder`` is listed under the name ``embed_images_for_retrieval`` (what ``python -m t2i_train.index``
+requires of the checkpoint it embeds an image bank with); ``retrieve`` searches such an index
+(``t2i_train.retrieval``: a family's ``retrieve`` delegates to ``t2i_train.retrieval.retrieve``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from t2i_train.retrieval import RetrievalHit
 
 
 @runtime_checkable
@@ -66,8 +74,21 @@ class ClipScorerSource(Protocol):
 
 
 @runtime_checkable
+class RetrievalEmbedder(Protocol):
+    """Images and prompts embedded in one space: [B, D] float32, L2-normalised (inner product = cosine)."""
+
+    def embed_images_for_retrieval(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def embed_prompts_for_retrieval(self, prompts: list[str]) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class Retriever(Protocol):
-    def retrieve(self, queries: Any, k: int = 1) -> torch.Tensor: ...
+    """The ``k`` nearest images of an index (a folder written by ``python -m t2i_train.index``) per prompt."""
+
+    def retrieve(
+        self, prompts: list[str], k: int = 1, index: str | None = None
+    ) -> list[list[RetrievalHit]]: ...
 
 
 CAPABILITIES: dict[str, type] = {
@@ -78,6 +99,7 @@ CAPABILITIES: dict[str, type] = {
     "pre_encode": PreEncoder,
     "pre_encode_captions": CaptionPreEncoder,
     "clip_scorer": ClipScorerSource,
+    "embed_images_for_retrieval": RetrievalEmbedder,
     "retrieve": Retriever,
 }
 

@@ -423,3 +423,21 @@ class CLIPFamily(Family):
     def clip_scorer(self) -> FrozenCLIP:
         """The CLIP score's scorer: a frozen copy of this CLIP (capability ``clip_scorer``)."""
         return self.frozen_copy()
+
+    @torch.no_grad()
+    def embed_images_for_retrieval(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B,3,H,W] in [-1, 1] -> [B, embed_dim] float32, L2-normalised (capability
+        ``embed_images_for_retrieval``: ``python -m t2i_train.index`` embeds an image bank with it)."""
+        return self.encode_image(images).float()
+
+    @torch.no_grad()
+    def embed_prompts_for_retrieval(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> [B, embed_dim] float32, L2-normalised, in the space of ``embed_images_for_retrieval``."""
+        return self.encode_text(prompts).float()
+
+    def retrieve(self, prompts: list[str], k: int = 1, index: str | None = None) -> list[list[Any]]:
+        """The ``k`` nearest images of ``index`` (a ``python -m t2i_train.index`` folder) per prompt: a list
+        of ``t2i_train.retrieval.RetrievalHit`` per prompt, best first (capability ``retrieve``)."""
+        from t2i_train.retrieval import retrieve  # lazy: the library layer (FAISS) only when retrieving
+
+        return retrieve(self, prompts, k, index)
