@@ -310,6 +310,7 @@ class T2ITask(L.LightningModule):
         optimizer step under gradient accumulation.
         """
         super().optimizer_step(*args, **kwargs)
+        self.model.after_optimizer_step()
         self.update_ema()
 
     def update_ema(self) -> None:
@@ -396,7 +397,10 @@ class T2ITask(L.LightningModule):
             from t2i_train.checkpoint import weights_fingerprint
 
             modules = self.model.external_modules()
-            self._fingerprints = {name: weights_fingerprint(m) for name, m in modules.items()}
+            unpinned = set(getattr(self.model, "unpinned_parts", ()))
+            self._fingerprints = {
+                name: weights_fingerprint(m) for name, m in modules.items() if name not in unpinned
+            }
         return self._fingerprints
 
     def _restore_external_weights(self, checkpoint: dict[str, Any]) -> None:

@@ -44,6 +44,9 @@ class Family(nn.Module):
     #: Old name -> new name of renamed sub-modules, buffers and config keys: older checkpoints' state dicts,
     #: external-part lists and configs are read under the new names (``upgrade_config``, ``load_family``).
     renamed_parts: ClassVar[dict[str, str]] = {}
+    #: External parts that may be replaced by another source without invalidating the trained weights (GILL's
+    #: image generator): their fingerprint is not recorded, so a rebuild does not insist on the same weights.
+    unpinned_parts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -112,6 +115,9 @@ class Family(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Called by the task after every optimizer step (e.g. GILL rescales its new token rows). Default: none."""
 
     def validation_metrics(self, batch: dict[str, Any], batch_index: int) -> dict[str, float | torch.Tensor]:
         """Extra numbers for this validation batch, logged by the task as ``val/<name>`` (epoch means).

@@ -292,10 +292,15 @@ class LatentDiffusion(Family):
         seed: int | None = None,
         negative_prompts: list[str] | None = None,
         generator: torch.Generator | None = None,
+        condition: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] from ``steps`` steps of ``sampler`` with CFG ``guidance_scale``."""
+        """Images [B, 3, H, W] in [0, 1] from ``steps`` steps of ``sampler`` with CFG ``guidance_scale``.
+
+        ``condition``: text-encoder-space embeddings [B, L, dim] and mask [B, L] to draw from instead of the
+        prompts' encoding (GILL's mapper writes into that space); the prompts then only count the images.
+        """
         latents = self.generate_latents(
-            prompts, steps, guidance_scale, sampler, eta, seed, negative_prompts, generator
+            prompts, steps, guidance_scale, sampler, eta, seed, negative_prompts, generator, condition
         )
         images = self.vae.decode_latents(latents / self.latent_scale)
         return ((images.float() + 1) / 2).clamp(0, 1)
@@ -311,6 +316,7 @@ class LatentDiffusion(Family):
         seed: int | None = None,
         negative_prompts: list[str] | None = None,
         generator: torch.Generator | None = None,
+        condition: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Scaled latents [B, C, h, w] (divide by ``latent_scale`` before decoding)."""
         if steps < 1:
@@ -323,7 +329,7 @@ class LatentDiffusion(Family):
         scheduler.set_timesteps(steps)
         device = self.text_proj.weight.device
         use_cfg = guidance_scale != 1.0 or negative_prompts is not None
-        context, mask = self._sampling_condition(list(prompts), negative_prompts, use_cfg)
+        context, mask = self._sampling_condition(list(prompts), negative_prompts, use_cfg, condition)
         if generator is None and seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(seed)
         shape = (len(prompts), self.latent_channels, self.latent_side, self.latent_side)
@@ -340,10 +346,23 @@ class LatentDiffusion(Family):
         return x
 
     def _sampling_condition(
-        self, prompts: list[str], negative_prompts: list[str] | None, use_cfg: bool
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None,
+        use_cfg: bool,
+        condition: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention input and mask of the conditional stream, followed (with CFG) by the unconditional."""
-        emb, mask = self.encode_text(prompts)
+        if condition is not None:
+            emb, mask = condition[0].to(self.text_proj.weight.device), condition[1].to(self.text_proj.weight.device)
+            if emb.shape[0] != len(prompts) or emb.shape[-1] != self.text_encoder.dim:
+                raise ConfigError(
+                    f"condition embeddings {tuple(emb.shape)} do not fit {len(prompts)} prompts of this model's "
+                    f"text space (width {self.text_encoder.dim})"
+                )
+            mask = mask.bool()
+        else:
+            emb, mask = self.encode_text(prompts)
         if use_cfg:
             if negative_prompts is not None:
                 neg_emb, neg_mask = self.encode_text(negative_prompts)

@@ -1,0 +1,182 @@
+"""GILL (t2i_train.models.gill, t2i_train.losses.gill): what trains, the [IMG] tokens, the losses, the targets."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from t2i_train.errors import ConfigError
+from t2i_train.losses.gill import GILLLoss, L2Distill, l2_distill
+from t2i_train.models.gill import GILL
+from tests.helpers import compose_train
+
+CAPTIONS = [
+    "a red circle in the top left",
+    "The image shows a single filled blue square in the center.",
+    "a green triangle, bottom right",
+    "yellow circle",
+]
+
+
+@pytest.fixture(scope="module")
+def gill() -> GILL:
+    cfg = compose_train(["model=gill", "model.concat_prob=0.0"])
+    return instantiate(cfg.model, _convert_="all")
+
+
+def batch(count: int = 4, seed: int = 0) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.rand(count, 3, 32, 32, generator=generator) * 2 - 1,
+        "caption": [CAPTIONS[i % len(CAPTIONS)] for i in range(count)],
+    }
+
+
+def frozen_state(model: GILL) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{k}": v.clone()
+        for name, module in model.frozen_modules().items()
+        for k, v in module.state_dict().items()
+    }
+
+
+def test_only_the_new_parts_train_and_the_frozen_ones_stay_byte_identical(gill: GILL) -> None:
+    model = copy.deepcopy(gill).train()
+    before = frozen_state(model)
+    trainable = dict(model.named_trainable_parameters())
+    assert {n.split(".")[0] for n in trainable} == {
+        "img_input",
+        "img_output",
+        "visual_prefix",
+        "image_retrieval",
+        "text_retrieval",
+        "logit_scale",
+        "mapper",
+    }
+    assert not any(n.startswith(("lm.", "clip.", "target_encoder.")) for n in trainable)
+    optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=1e-2)
+    loss = GILLLoss()
+    for step in range(2):
+        optimizer.zero_grad()
+        loss(model(batch(seed=step)))["loss"].backward()
+        for name, param in trainable.items():
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        optimizer.step()
+        model.after_optimizer_step()
+    after = frozen_state(model)
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert all(p.grad is None for n, p in model.named_parameters() if n.split(".")[0] in ("lm", "clip"))
+
+
+def test_image_token_rows_are_renormalised_to_the_frozen_rows_mean_norm(gill: GILL) -> None:
+    model = copy.deepcopy(gill)
+    frozen = model.lm.lm.get_input_embeddings().weight.norm(dim=-1).mean()
+    with torch.no_grad():
+        model.img_input.mul_(torch.tensor([[3.0], [0.1], [1.0], [7.0]]))
+        model.img_output.mul_(5.0)
+    model.after_optimizer_step()
+    assert torch.allclose(model.img_input.norm(dim=-1), frozen.expand(4), rtol=1e-5)
+    out_norm = model.lm.lm.get_output_embeddings().weight.norm(dim=-1).mean()
+    assert torch.allclose(model.img_output.norm(dim=-1), out_norm.expand(4), rtol=1e-5)
+
+
+def test_image_tokens_are_spliced_in_not_added_to_the_frozen_embedding(gill: GILL) -> None:
+    table = gill.lm.lm.get_input_embeddings()
+    assert table.num_embeddings == gill.vocab_rows  # no row was added to the frozen LM
+    ids = torch.tensor([[5, gill.image_token_ids[0], gill.image_token_ids[3]]])
+    embeds = gill.embed(ids)
+    assert torch.equal(embeds[0, 0], table.weight[5])
+    assert torch.equal(embeds[0, 1], gill.img_input[0]) and torch.equal(embeds[0, 2], gill.img_input[3])
+    logits = gill.logits(torch.randn(2, gill.width))
+    assert logits.shape == (2, gill.vocab_rows + gill.image_token_count)
+
+
+def test_only_img0_is_taught_in_the_image_pass(gill: GILL) -> None:
+    passed = gill.image_pass(CAPTIONS[:2])
+    assert passed.targets.tolist() == [gill.image_token_ids[0]] * 2
+    assert passed.img_states.shape == (2, gill.image_token_count, gill.width)
+    # the [IMG0] logits are the ones at the caption's last token, in the same sequence the states come from
+    ids = torch.tensor([[*gill.caption_ids(CAPTIONS[0]), *gill.image_token_ids]])
+    hidden = gill.hidden_states(gill.embed(ids), torch.ones(ids.shape))
+    last = len(gill.caption_ids(CAPTIONS[0])) - 1
+    assert torch.allclose(passed.logits[0], gill.logits(hidden[0, last]), atol=1e-4)
+    assert torch.allclose(passed.img_states[0], hidden[0, last + 1 :], atol=1e-4)
+
+
+def test_img1_and_later_are_forced_after_img0_and_never_decoded_alone(gill: GILL) -> None:
+    model = copy.deepcopy(gill).eval()
+    hidden = model.hidden_states(
+        model.embed(torch.tensor([model.caption_ids("a red")])), torch.ones(1, 2)
+    ).detach()
+    direction = hidden[0, -1] / hidden[0, -1].norm()
+    with torch.no_grad():  # [IMG2] would win every step if it could be decoded on its own
+        model.img_output[2] = direction * 1e4
+    first = model.respond(["a red"], max_new_tokens=3)[0]
+    assert model.image_token_ids[2] not in first["ids"] and not first["image"]
+    with (
+        torch.no_grad()
+    ):  # now [IMG0] wins: the rest of the [IMG] tokens follow it, in order, and the row ends
+        model.img_output[0] = direction * 1e5
+    answer = model.respond(["a red"], max_new_tokens=5)[0]
+    assert answer["image"]
+    start = answer["ids"].index(model.image_token_ids[0])
+    assert answer["ids"][start:] == model.image_token_ids
+
+
+def test_l2_distill_matches_a_hand_computed_reference() -> None:
+    mapped = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[1.0, 1.0], [2.0, 2.0]]])
+    target = torch.tensor([[[0.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [2.0, 5.0]]])
+    # per-token distances: 5, 1 | 0, 3 -> mean 2.25; on the real tokens (mask) 5, 0, 3 -> 8 / 3
+    assert l2_distill(mapped, target).item() == pytest.approx(2.25)
+    mask = torch.tensor([[True, False], [True, True]])
+    assert l2_distill(mapped, target, mask).item() == pytest.approx(8 / 3)
+    terms = L2Distill()({"mapped": mapped, "target": target, "target_mask": mask})
+    assert terms["loss"].item() == pytest.approx(8 / 3) and "cosine" in terms
+
+
+def test_pre_encoded_targets_give_the_on_the_fly_loss(gill: GILL) -> None:
+    model = copy.deepcopy(gill).eval()
+    plain = batch()
+    fields = model.pre_encode_captions(plain["caption"])
+    stored = {**plain, **fields, **model.pre_encode(plain["image"])}
+    loss = L2Distill()
+    torch.manual_seed(0)
+    on_the_fly = loss(model(plain))["loss"]
+    torch.manual_seed(0)
+    pre_encoded = loss(model(stored))["loss"]
+    assert pre_encoded.item() == pytest.approx(on_the_fly.item(), rel=2e-3)  # targets stored in float16
+    # a row whose caption changed since encoding is recomputed, not trained on a stale target
+    swapped = {**stored, "caption": [plain["caption"][1], *plain["caption"][1:]]}
+    target, _ = model.batch_target(swapped)
+    fresh, _ = model.encode_target(swapped["caption"])
+    assert torch.allclose(target[0], fresh[0])
+
+
+def test_a_checkpoint_trained_to_another_target_encoder_is_refused(gill: GILL) -> None:
+    cfg = compose_train(["model=gill", "model.target_encoder.init_seed=1"])
+    other = instantiate(cfg.model, _convert_="all")
+    with pytest.raises(ConfigError, match="different target text encoder"):
+        other.load_state_dict(gill.state_dict())
+
+
+def test_an_lm_of_another_width_than_the_config_is_one_line(tmp_path: Any) -> None:
+    cfg = compose_train(["model=gill", "model.lm.hidden_size=256"])
+    with pytest.raises(Exception, match="hidden size 128") as caught:  # Hydra wraps the family's error
+        instantiate(cfg.model, _convert_="all")
+    assert isinstance(caught.value.__cause__ or caught.value, ConfigError)
+
+
+def test_generate_without_a_generator_says_what_to_set(gill: GILL) -> None:
+    with pytest.raises(ConfigError, match="generator_checkpoint"):
+        gill.generate(["a red circle"])
+
+
+def test_retrieve_without_an_index_says_how_to_build_one(gill: GILL) -> None:
+    with pytest.raises(ConfigError, match=r"t2i_train\.index"):
+        gill.retrieve(["a red circle"], k=1, index=None)
