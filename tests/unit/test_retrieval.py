@@ -19,6 +19,7 @@ from t2i_train.errors import ConfigError, DataError
 from t2i_train.models.capabilities import capabilities
 from t2i_train.models.clip import CLIPFamily
 from t2i_train.retrieval import RetrievalHit, RetrievalIndex, build_index, resolve_factory, retrieve
+from tests.helpers import TINY_TRAIN, compose_train
 
 SHARDS, PER_SHARD, BAD = 4, 6, 2  # the bank: 4 shapes shards + 1 with 2 undecodable of 4 samples
 
@@ -26,27 +27,12 @@ SHARDS, PER_SHARD, BAD = 4, 6, 2  # the bank: 4 shapes shards + 1 with 2 undecod
 @pytest.fixture(scope="module")
 def clip_ckpt(tmp_path_factory: pytest.TempPathFactory, small_data_overrides: list[str]) -> Path:
     """A model=clip run of two steps through the training CLI's ``train``."""
-    from hydra import compose, initialize_config_dir
-
-    from t2i_train.cli.common import CONF_DIR
     from t2i_train.training import train
 
     run_dir = tmp_path_factory.mktemp("clip_run")
-    overrides = [
-        "model=clip",
-        *small_data_overrides,
-        f"run_dir={run_dir}",
-        "trainer.max_steps=2",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "trainer.limit_val_batches=0",
-        "optimizer.lr=1e-2",
-        "scheduler.warmup_steps=0",
-        "logger=none",
-    ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        assert train(compose(config_name="train", overrides=overrides))["global_step"] == 2
+    overrides = ["model=clip", *TINY_TRAIN, *small_data_overrides, f"run_dir={run_dir}", "logger=none"]
+    overrides += ["trainer.max_steps=2", "trainer.limit_val_batches=0"]
+    assert train(compose_train(overrides))["global_step"] == 2
     return run_dir / "checkpoints" / "last.ckpt"
 
 
