@@ -92,8 +92,9 @@ class SampleGrid(L.Callback):
 
 
 def _can(model: Any, capability: str) -> bool:
-    """``model.can(capability)`` (``t2i_train.models.capabilities``); False for a model without ``can``."""
-    can = getattr(model, "can", None)
+    """``model.available(capability)`` (``Family.available``: implemented, and its parts attached); False for a
+    model without it."""
+    can = getattr(model, "available", None) or getattr(model, "can", None)
     return bool(can(capability)) if callable(can) else False
 
 

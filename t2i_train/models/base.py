@@ -149,6 +149,11 @@ class Family(nn.Module):
         method = getattr(cls, capability, None)
         return callable(method) and method is not getattr(Family, capability, None)
 
+    def available(self, capability: str) -> bool:
+        """Whether this instance can use ``capability`` now: ``can`` (the class implements it) unless the family
+        says a part it needs is missing (GILL without an attached generator cannot ``generate``)."""
+        return self.can(capability)
+
     @classmethod
     def generates_images(cls) -> bool:
         """Whether this family implements ``generate`` (CLIP and VQGAN do not: they are stage-1 models)."""

@@ -484,6 +484,12 @@ class GILL(Family):
         mask[:, 0] = True
         return mapped * mask[..., None], mask
 
+    def available(self, capability: str) -> bool:
+        """``generate`` needs an attached generator (``generator_checkpoint``); the rest is always there."""
+        if capability == "generate" and self.generator is None:
+            return False
+        return super().available(capability)
+
     @torch.no_grad()
     def generate(self, prompts: list[str], **sampling: Any) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1]: the mapper's output as the frozen diffusion model's text condition
