@@ -42,6 +42,7 @@ from t2i_train.errors import ConfigError, DataError
 from t2i_train.models.capabilities import require
 
 log = logging.getLogger("t2i_train.index")
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines list every CPU build it tries
 
 FORMAT_VERSION = 1
 INDEX_FILE, KEYS_FILE, META_FILE = "index.faiss", "keys.jsonl", "index.json"
