@@ -51,7 +51,6 @@ from t2i_train.errors import ConfigError, DataError
 from t2i_train.losses.cross_entropy import IGNORE_INDEX
 from t2i_train.losses.gill import GILLLoss, L2Distill
 from t2i_train.models.base import Family
-from t2i_train.models.loading import weight_loading_enabled
 
 if TYPE_CHECKING:
     from t2i_train.models.clip import FrozenCLIP
@@ -128,8 +127,8 @@ class GILL(Family):
         target_encoder: the frozen text encoder whose output the mapper learns (a ``TextEncoder``; the
             ``diffusion`` family's T5 node). Its output is padded or cut to ``target_tokens``.
         generator_checkpoint: a ``model=diffusion`` checkpoint or export, whose UNet draws the images; its
-            text encoder must be ``target_encoder`` (same weights). None: no ``generate`` (training does not
-            need it).
+            text encoder must be ``target_encoder`` (same weights). Loaded on the first ``generate``, never in
+            training; None: no ``generate``.
         image_tokens: r, the number of [IMG] tokens; ``prefix_tokens``: k, the captioning prefix length.
         retrieval_dim: width of the retrieval space.
         target_tokens: Q, the mapper's queries (the target encoder's sequence length it is trained to).
@@ -186,9 +185,10 @@ class GILL(Family):
         self.register_buffer(
             "target_fingerprint", torch.tensor(_fingerprint(target_encoder), dtype=torch.float64)
         )
-        self.generator = self._attach_generator(generator_checkpoint)
-        if self.generator is not None:
-            self.freeze("generator", external=True)
+        #: the diffusion model, loaded from ``generator_checkpoint`` on first use (``attach_generator``): it is
+        #: never run in training, so training neither loads nor holds it
+        self.generator: nn.Module | None = None
+        self.generator_checkpoint = generator_checkpoint
 
     def _build_trainable(self, width: int, vision: int, retrieval_dim: int, mapper: dict[str, Any]) -> None:
         rows = self.image_token_count
@@ -208,14 +208,20 @@ class GILL(Family):
         # trained afterwards, alone (t2i_train.gill_decision): no gradient in the main stage, which DDP needs
         self.decision = nn.Sequential(nn.Dropout(0.5), nn.Linear(width, len(DECISIONS))).requires_grad_(False)
 
-    def _attach_generator(self, checkpoint: str | None) -> nn.Module | None:
-        """The frozen diffusion model of ``checkpoint`` (only while weight loading is on: the summary's meta
-        build and checkpoint rebuilds without it skip it), checked to share ``target_encoder``."""
-        if not checkpoint or not weight_loading_enabled() or torch.empty(0).device.type == "meta":
-            return None
+    def attach_generator(self) -> nn.Module:
+        """The frozen diffusion model of ``generator_checkpoint``, loaded once and checked to share
+        ``target_encoder`` (the space the mapper writes into)."""
+        if self.generator is not None:
+            return self.generator
+        checkpoint = self.generator_checkpoint
+        if not checkpoint:
+            raise ConfigError(
+                "this GILL has no image generator: set model.generator_checkpoint=<the diffusion checkpoint "
+                "whose text encoder is model.target_encoder>"
+            )
         from t2i_train.checkpoint import load_family
 
-        generator = load_family(checkpoint)
+        generator = load_family(checkpoint).to(self.device)
         if not generator.can("generate") or not hasattr(generator, "text_encoder"):
             raise ConfigError(
                 f"model.generator_checkpoint {checkpoint} holds model={generator.family_name}; GILL draws through "
@@ -228,6 +234,8 @@ class GILL(Family):
                 f"fingerprint {theirs:.6g} vs {mine:.6g}); the mapper writes into the target encoder's space, so "
                 "describe the generator's text encoder in model.target_encoder"
             )
+        self.generator = generator
+        self.freeze("generator", external=True)
         return generator
 
     # ---------------------------------------------------------------------------------------- sizes
@@ -485,8 +493,8 @@ class GILL(Family):
         return mapped * mask[..., None], mask
 
     def available(self, capability: str) -> bool:
-        """``generate`` needs an attached generator (``generator_checkpoint``); the rest is always there."""
-        if capability == "generate" and self.generator is None:
+        """``generate`` needs a generator (``generator_checkpoint``); the rest is always there."""
+        if capability == "generate" and self.generator is None and not self.generator_checkpoint:
             return False
         return super().available(capability)
 
@@ -494,13 +502,9 @@ class GILL(Family):
     def generate(self, prompts: list[str], **sampling: Any) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1]: the mapper's output as the frozen diffusion model's text condition
         (``sampling``: the diffusion family's options: steps, guidance_scale, sampler, eta, seed)."""
-        if self.generator is None:
-            raise ConfigError(
-                "this GILL has no image generator: set model.generator_checkpoint=<the diffusion checkpoint "
-                "whose text encoder is model.target_encoder>"
-            )
+        generator = self.attach_generator()
         emb, mask = self.generation_condition(prompts)
-        return self.generator.generate(list(prompts), condition=(emb, mask), **sampling)
+        return generator.generate(list(prompts), condition=(emb, mask), **sampling)
 
     @torch.no_grad()
     def decide(self, prompts: list[str]) -> list[str]:

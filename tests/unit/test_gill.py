@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from t2i_train.errors import ConfigError
 from t2i_train.losses.gill import GILLLoss, L2Distill, l2_distill
@@ -173,6 +175,7 @@ def test_an_lm_of_another_width_than_the_config_is_one_line(tmp_path: Any) -> No
 
 
 def test_generate_without_a_generator_says_what_to_set(gill: GILL) -> None:
+    assert not gill.available("generate")
     with pytest.raises(ConfigError, match="generator_checkpoint"):
         gill.generate(["a red circle"])
 
@@ -180,3 +183,32 @@ def test_generate_without_a_generator_says_what_to_set(gill: GILL) -> None:
 def test_retrieve_without_an_index_says_how_to_build_one(gill: GILL) -> None:
     with pytest.raises(ConfigError, match=r"t2i_train\.index"):
         gill.retrieve(["a red circle"], k=1, index=None)
+
+
+def _saved_diffusion(tmp_path: Path, *overrides: str) -> Path:
+    """A real (random, tiny) diffusion checkpoint, as a training run would store it."""
+    cfg = compose_train(["model=diffusion", *overrides])
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    model = instantiate(node, _convert_="all")
+    model.latent_scale.fill_(1.0)  # as after a first training batch
+    path = tmp_path / "diffusion.ckpt"
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"t2i_config": {"model": node}, "state_dict": state}, path)
+    return path
+
+
+def test_the_generator_is_loaded_on_first_use_and_draws_from_the_mapper(gill: GILL, tmp_path: Path) -> None:
+    model = copy.deepcopy(gill).eval()
+    model.generator_checkpoint = str(_saved_diffusion(tmp_path))
+    assert model.generator is None and model.available("generate")
+    images = model.generate(["a red circle in the top left"], steps=2, seed=0)
+    assert images.shape == (1, 3, 32, 32) and 0 <= float(images.min()) <= float(images.max()) <= 1
+    assert "generator" in model.external_modules()  # left out of training checkpoints
+    assert not any(p.requires_grad for p in model.generator.parameters())
+
+
+def test_a_generator_with_another_text_encoder_is_one_line(gill: GILL, tmp_path: Path) -> None:
+    model = copy.deepcopy(gill).eval()
+    model.generator_checkpoint = str(_saved_diffusion(tmp_path, "model.text_encoder.init_seed=1"))
+    with pytest.raises(ConfigError, match=r"is not model\.target_encoder"):
+        model.generate(["a red circle"], steps=1)
