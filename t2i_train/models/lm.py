@@ -62,6 +62,8 @@ TINY_LM_CONFIG: dict[str, Any] = {
 }
 DEFAULT_TEXT_KEYS: tuple[str, ...] = ("caption", "json.caption", "json.descriptive", "json.alt_text")
 _SPACED_PUNCTUATION = re.compile(r" ([,.;:!?])")
+_SPACED_DIGITS = re.compile(r"(?<=\d) (?=\d)")
+_SPACED_HYPHEN = re.compile(r"(?<=\w) - (?=\w)")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -263,8 +265,8 @@ class CausalLanguageModel(Family):
         """Greedy continuations of ``prompts`` (the new text only, up to EOS), at most ``max_new_tokens``.
 
         Prompts start like the taught texts (``encode(prompt, eos=False)``); those of one token length run as
-        one batch, so no padding changes what the LM sees. CLIP's BPE decodes punctuation as separate words
-        (``left , drawn``); the space before it is dropped.
+        one batch, so no padding changes what the LM sees. CLIP's BPE decodes punctuation, hyphens and each digit
+        as separate words (``left , drawn``, ``medium - sized``, ``3 2 pixels``); those spaces are dropped.
         """
         encoded = [self.encode(p, eos=False) or [self.eos_token_id] for p in prompts]
         groups: dict[int, list[int]] = {}
@@ -301,6 +303,7 @@ class CausalLanguageModel(Family):
         ).strip()
         if type(self.tokenizer).__name__.startswith("CLIPTokenizer"):
             text = _SPACED_PUNCTUATION.sub(r"\1", text)
+            text = _SPACED_HYPHEN.sub("-", _SPACED_DIGITS.sub("", text))
         return text
 
 

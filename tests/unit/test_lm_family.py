@@ -120,6 +120,11 @@ def test_complete_continues_a_learnt_text_and_batches_by_length() -> None:
     out = model.complete(prompts, max_new_tokens=12)
     assert out[0] == out[2] == "red circle in the top left"
     assert out == [model.complete([p], max_new_tokens=12)[0] for p in prompts]
+    # CLIP's BPE decodes "-sized 32," as " - sized 3 2 ,": the text comes back as written
+    assert (
+        model._decode(model.encode("a medium-sized one, 11 of the 32 pixels."))
+        == "a medium-sized one, 11 of the 32 pixels."
+    )
 
 
 def test_hidden_size_mismatch_is_one_config_error_line() -> None:
