@@ -11,6 +11,11 @@ same command reproduces the same files. Sampling options default to those the ru
 prompts into descriptive captions before they are encoded (DALL-E 3's caption upsampling); each manifest line
 then also holds the ``upsampled_prompt`` the image was drawn from, while ``prompt`` stays the user's.
 
+``mode=retrieve index=DIR`` (a model that can retrieve, e.g. GILL or CLIP; ``DIR`` from ``python -m t2i_train.index``)
+writes each prompt's top ``images_per_prompt`` hits as stored in their shards instead of drawing images;
+``mode=auto`` lets the model's decision head pick per prompt (GILL). Manifest lines say ``source:
+generated|retrieved``; see docs/sampling.md ("Retrieve or generate (GILL)").
+
 This module parses and checks the arguments; the work is done by ``t2i_train.sampling``.
 """
 
@@ -45,6 +50,8 @@ from t2i_train.errors import ConfigError
 from t2i_train.sampling import (
     GRID_CELL,
     add_clip_scores,
+    check_mode,
+    check_mode_options,
     generate_options,
     interpolate_to_dir,
     pick_scorer,
@@ -105,8 +112,9 @@ SAMPLE_OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "grid_columns": (int,),
     "use_ema": (bool,),
     "clip_score": (bool,),
+    "retrieve_k": (int,),
 }
-SAMPLE_OPTION_MINIMUMS = {"images_per_prompt": 1, "batch_size": 1, "grid_columns": 1}
+SAMPLE_OPTION_MINIMUMS = {"images_per_prompt": 1, "batch_size": 1, "grid_columns": 1, "retrieve_k": 1}
 
 
 def check_sample_options(cfg: DictConfig) -> None:
@@ -117,6 +125,21 @@ def check_sample_options(cfg: DictConfig) -> None:
         raise ConfigError(f"interpolate must be z or text, got {cfg.interpolate!r}")
     if cfg.interpolate and cfg.steps < 2:
         raise ConfigError(f"steps={cfg.steps}: an interpolation strip needs at least 2 images")
+    check_mode_options(str(cfg.mode), cfg.index)
+    if cfg.interpolate and cfg.mode != "generate":
+        raise ConfigError(f"interpolate={cfg.interpolate} draws strips; it takes no mode={cfg.mode}")
+
+
+def check_model(cfg: DictConfig, model: Any) -> None:
+    """The model can sample in ``mode`` (``t2i_train.sampling.check_mode``); a checkpoint of a family that
+    never draws images gets a line naming it (and ``mode=retrieve`` when it can retrieve)."""
+    if cfg.mode == "generate" and not model.can("generate"):
+        hint = "; or mode=retrieve index=DIR: it can retrieve" if model.can("retrieve") else ""
+        raise ConfigError(
+            f"{cfg.checkpoint} is a model={model.family_name} checkpoint, which does not generate images; "
+            f"pass a checkpoint of an image family (muse, galip, ...){hint}"
+        )
+    check_mode(model, str(cfg.mode), cfg.index)
 
 
 def check_generate_options(model: Any, sampling: dict[str, Any]) -> None:
@@ -142,18 +165,18 @@ def check_generate_options(model: Any, sampling: dict[str, Any]) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     check_sample_options(cfg)
     prompts = read_prompts(cfg.prompts, cfg.prompts_file)
+    if cfg.mode != "generate":
+        from t2i_train.retrieval import RetrievalIndex
+
+        RetrievalIndex.load(cfg.index)  # a missing or unfinished index: one line before the model loads
     ckpt = read_checkpoint(cfg.checkpoint)
     device = pick_device(cfg.device)
     upsampled = upsampled_prompts(cfg, prompts)
     model = load_family(cfg.checkpoint, use_ema=cfg.use_ema, ckpt=ckpt).to(device)
-    if not model.can("generate"):
-        raise ConfigError(
-            f"{cfg.checkpoint} is a model={model.family_name} checkpoint, which does not generate images; "
-            "pass a checkpoint of an image family (muse, galip, ...)"
-        )
+    check_model(cfg, model)
     scorer = pick_scorer(cfg.clip_scorer, model, device) if cfg.clip_score else None
     sampling = {**training_sampling_kwargs(ckpt), **OmegaConf.to_container(cfg.sampling, resolve=True)}
-    if not cfg.interpolate:
+    if not cfg.interpolate and cfg.mode != "retrieve":
         check_generate_options(model, sampling)
     log.info("sampling with %s", sampling)
     out = Path(cfg.output_dir)
@@ -196,11 +219,20 @@ def write_samples(
         cfg.grid_columns,
         upsampled,
         grid_cell=grid_cell,
+        mode=str(cfg.mode),
+        index=cfg.index,
+        retrieve_k=int(cfg.retrieve_k),
     )
-    print(f"wrote {len(manifest)} images, grid.png and manifest.jsonl to {out}")
+    print(f"wrote {len(manifest)} images{_sources(manifest)}, grid.png and manifest.jsonl to {out}")
     if scorer is not None:
         mean = add_clip_scores(manifest, out, scorer)
         print(f"mean CLIP score {mean:.2f} over {len(manifest)} images (clip_score in manifest.jsonl)")
+
+
+def _sources(manifest: list[dict[str, Any]]) -> str:
+    """`` (R retrieved, G generated)`` when any image was retrieved, else nothing (the line as it was)."""
+    retrieved = sum(1 for line in manifest if line.get("source") == "retrieved")
+    return f" ({retrieved} retrieved, {len(manifest) - retrieved} generated)" if retrieved else ""
 
 
 def main() -> None:

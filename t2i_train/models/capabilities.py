@@ -19,6 +19,7 @@ them, for error messages and summaries.
 | ``ClipScorerSource`` | ``clip_scorer() -> a CLIP with encode_image / encode_text`` | galip, clip, captioner |
 | ``RetrievalEmbedder`` | ``embed_images_for_retrieval(images in [-1,1])``, ``embed_prompts_for_retrieval(prompts)`` -> [B,D] (L2-normalised float32, one space) | clip |
 | ``Retriever`` | ``retrieve(prompts, k=1, index=DIR) -> list[list[RetrievalHit]]`` (best first) | clip (GILL, CM3leon) |
+| ``Decider`` | ``decide(prompts) -> ["retrieve" or "generate", ...]`` (one pick per prompt) | gill |
 
 ``RetrievalEmbedder`` is listed under the name ``embed_images_for_retrieval`` (what ``python -m t2i_train.index``
 requires of the checkpoint it embeds an image bank with); ``retrieve`` searches such an index
@@ -91,6 +92,14 @@ class Retriever(Protocol):
     ) -> list[list[RetrievalHit]]: ...
 
 
+@runtime_checkable
+class Decider(Protocol):
+    """Per prompt, whether to ``retrieve`` an image or ``generate`` one (GILL's decision head;
+    ``python -m t2i_train.sample mode=auto``)."""
+
+    def decide(self, prompts: list[str]) -> list[str]: ...
+
+
 CAPABILITIES: dict[str, type] = {
     "generate": ImageGenerator,
     "caption": Captioner,
@@ -101,6 +110,7 @@ CAPABILITIES: dict[str, type] = {
     "clip_scorer": ClipScorerSource,
     "embed_images_for_retrieval": RetrievalEmbedder,
     "retrieve": Retriever,
+    "decide": Decider,
 }
 
 
