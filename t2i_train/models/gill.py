@@ -135,6 +135,10 @@ class GILL(Family):
         mapper: ``GILLMapper`` options (width, encoder_layers, decoder_layers, heads, ffn, dropout).
         concat_prob: probability that a training batch's captioning pass concatenates two examples per row.
         max_caption_tokens: captions are cut to this many tokens in every pass (and in decoding).
+        caption_pass_key: ``json.<field>``: the captioning pass reads this field of the sample's JSON (the short
+            captions of the shapes set, ``json.caption``: a fifth of the vocabulary-sized logits of the
+            descriptive ones, on CPU) instead of the batch caption, which the [IMG] pass keeps; null (the
+            paper): the batch caption in both passes. Samples without the field use the batch caption.
         init_seed: initialisation of the trainable parts (identical in every process).
     """
 
@@ -159,6 +163,7 @@ class GILL(Family):
         mapper: Mapping[str, Any] | None = None,
         concat_prob: float = 0.5,
         max_caption_tokens: int = 64,
+        caption_pass_key: str | None = None,
         init_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -168,6 +173,11 @@ class GILL(Family):
         self.image_token_count, self.prefix_tokens = int(image_tokens), int(prefix_tokens)
         self.target_tokens, self.concat_prob = int(target_tokens), float(concat_prob)
         self.max_caption_tokens = int(max_caption_tokens)
+        if caption_pass_key is not None and not caption_pass_key.startswith("json."):
+            raise ConfigError(
+                f"model.caption_pass_key must be json.<field> or null, got {caption_pass_key!r}"
+            )
+        self.caption_pass_key = caption_pass_key
         self.lm = _frozen_lm(lm)
         self.freeze("lm", external=bool(getattr(self.lm, "has_weights", False)))
         self.clip = frozen_clip(clip)
@@ -369,7 +379,7 @@ class GILL(Family):
         """The two passes' outputs for ``loss=gill`` (see ``t2i_train.losses.gill``)."""
         captions = [str(c) for c in batch["caption"]]
         features = self.batch_clip_features(batch)
-        caption_logits, caption_targets = self.caption_pass(features, captions)
+        caption_logits, caption_targets = self.caption_pass(features, self.caption_pass_texts(batch))
         image_pass = self.image_pass(captions)
         mapped, mask_logits = self.map_states(image_pass.img_states)
         target, target_mask = self.batch_target(batch)
@@ -387,6 +397,17 @@ class GILL(Family):
             "mask_logits": mask_logits,
         }
         return out
+
+    def caption_pass_texts(self, batch: Mapping[str, Any]) -> list[str]:
+        """The captioning pass's text per sample: ``caption_pass_key`` of its JSON, else the batch caption."""
+        captions = [str(c) for c in batch["caption"]]
+        if self.caption_pass_key is None:
+            return captions
+        from t2i_train.data.transforms import read_caption
+
+        metas = batch.get("meta") or [{}] * len(captions)
+        picked = [read_caption({}, meta or {}, self.caption_pass_key) for meta in metas]
+        return [p if isinstance(p, str) and p.strip() else c for p, c in zip(picked, captions, strict=True)]
 
     def caption_pass(
         self, features: torch.Tensor, captions: Sequence[str]

@@ -25,9 +25,11 @@ style of a sample in turn, and ``load_frozen_lm`` gives it to stage-2 families, 
 
 from __future__ import annotations
 
+import logging
 import re
 import zlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -132,6 +134,9 @@ def lm_logits(
 
 
 # ------------------------------------------------------------------------------------------------ family
+log = logging.getLogger(__name__)
+
+
 class CausalLanguageModel(Family):
     """A causal LM trained on the captions of the data (see the module docstring).
 
@@ -168,7 +173,7 @@ class CausalLanguageModel(Family):
         super().__init__()
         self.text_keys = _check_text_keys(text_keys, key)
         self.tokenizer_name = tokenizer or pretrained
-        self.tokenizer = build_tokenizer(self.tokenizer_name)
+        self.tokenizer = _tokenizer_unless_counting(self.tokenizer_name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             self.lm = build_causal_lm(
@@ -176,7 +181,7 @@ class CausalLanguageModel(Family):
             )
         self._has_weights = bool(pretrained)
         check_hidden_size(self.width, hidden_size, f"{key}.hidden_size", _source(pretrained, config, key))
-        self.start_ids = start_ids(self.tokenizer)
+        self.start_ids = start_ids(self.tokenizer) if self.tokenizer is not None else []
         self.max_tokens = self._check_max_tokens(int(max_tokens), key)
 
     def _check_max_tokens(self, max_tokens: int, key: str) -> int:
@@ -308,6 +313,22 @@ class CausalLanguageModel(Family):
 
 
 # ------------------------------------------------------------------------------------------------ loader
+def _tokenizer_unless_counting(name: str | None) -> Any:
+    """The tokenizer; while weights are not being loaded (a meta-device parameter count, a rebuild from a full
+    checkpoint) a hub name is only looked up in the local cache, and None when it is not there: counting a
+    pretrained LM must not need its files (its architecture comes from ``config``)."""
+    counting = not weight_loading_enabled() or torch.empty(0).device.type == "meta"
+    if not counting or name in (None, CLIP_BPE) or Path(str(name)).expanduser().exists():
+        return build_tokenizer(name)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except OSError:
+        log.warning("tokenizer %s is not in the local cache; counting parameters without it", name)
+        return None
+
+
 def _checkpoint_family(path: str, key: str) -> CausalLanguageModel:
     """The ``model=lm`` family of a training checkpoint or export folder, or one ConfigError line."""
     from t2i_train.checkpoint import load_family, read_checkpoint  # lazy: reads checkpoints

@@ -152,6 +152,10 @@ def _typed_causal_lm(config: dict[str, Any], tokenizer: Any, key: str) -> nn.Mod
     special ids default to the tokenizer's (None values too)."""
     model_type = str(config.pop("model_type"))
     options = {k: v for k, v in config.items() if v is not None}
+    if tokenizer is None:  # counting parameters without the tokenizer files: the config says it all
+        if "vocab_size" not in options:
+            raise ConfigError(f"{key}.vocab_size is needed to build {model_type} without its tokenizer")
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **options))
     for name, value in _special_ids(tokenizer).items():
         options.setdefault(name, value)
     options.setdefault("vocab_size", len(tokenizer))

@@ -212,3 +212,18 @@ def test_a_generator_with_another_text_encoder_is_one_line(gill: GILL, tmp_path:
     model.generator_checkpoint = str(_saved_diffusion(tmp_path, "model.text_encoder.init_seed=1"))
     with pytest.raises(ConfigError, match=r"is not model\.target_encoder"):
         model.generate(["a red circle"], steps=1)
+
+
+def test_paper_size_counts_offline_without_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
+    """experiment=gill_opt6_7b: trainable 50.1M (mapper 31.96M) as the paper's code gives, with OPT-6.7B, CLIP
+    ViT-L/14 and SD-1.5's text encoder frozen and counted apart, built on the meta device with no download."""
+    from t2i_train.model_summary import build_on_meta, summarize
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    report = summarize(build_on_meta(compose_train(["experiment=gill_opt6_7b"])))
+    parts = report["components"]
+    assert report["trainable"] == pytest.approx(50.1e6, rel=0.01)
+    assert parts["mapper"]["trainable"] == pytest.approx(31.96e6, rel=0.03)
+    assert parts["lm"]["frozen_component"] and parts["lm"]["frozen"] == pytest.approx(6.66e9, rel=0.01)
+    assert parts["clip"]["frozen_component"] and parts["clip"]["trainable"] == 0
+    assert parts["target_encoder"]["frozen"] == pytest.approx(123e6, rel=0.01)
