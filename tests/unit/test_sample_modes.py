@@ -12,8 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
+from t2i_train.cli.common import CONF_DIR
+from t2i_train.cli.sample import check_sample_options
 from t2i_train.data.shards import write_synthetic_shards
 from t2i_train.errors import ConfigError, DataError
 from t2i_train.retrieval import RetrievalHit
@@ -260,3 +263,27 @@ def test_stored_images_are_fitted_into_the_grid_cell_keeping_their_aspect() -> N
     assert (cells[1][0, 2:6] == 1).all() and (cells[1][1:, 2:6] == 0).all()
     alone = grid_images([Image.new("RGB", (300, 200)), Image.new("RGB", (20, 20))], cell=128)
     assert alone.shape == (2, 3, 128, 128)  # none generated: squares of the largest side, at most the cell
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mode": "fetch"}, "mode must be one of generate, retrieve, auto, got 'fetch'"),
+        (
+            {"mode": "retrieve"},
+            "mode=retrieve needs index=DIR (build one with python -m t2i_train.index checkpoint=... urls=... "
+            "output=DIR)",
+        ),
+        ({"retrieve_k": 0}, "retrieve_k must be a positive integer, got 0"),
+        (
+            {"mode": "auto", "index": "ix", "interpolate": "z"},
+            "interpolate=z draws strips; it takes no mode=auto",
+        ),
+    ],
+)
+def test_the_cli_checks_the_mode_before_reading_the_checkpoint(options: dict, message: str) -> None:
+    cfg = OmegaConf.load(CONF_DIR / "sample.yaml")
+    cfg.pop("defaults")
+    with pytest.raises(ConfigError) as caught:
+        check_sample_options(OmegaConf.merge(cfg, options))
+    assert str(caught.value) == message
