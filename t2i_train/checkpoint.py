@@ -117,16 +117,18 @@ def upgrade_model_config(node: Any) -> Any:
     return cls.upgrade_config(dict(node)) if cls is not None else node
 
 
-def _map_external_paths(node: Any, change: Callable[[str], str | None]) -> Any:
+def _map_external_paths(node: Any, change: Callable[[str], str | None], resources: bool = False) -> Any:
     """Copy of a model config with each path its family declares in ``external_paths`` (dotted, from the
-    family's own node) replaced by ``change(path)``; nested families' declarations apply under their node."""
+    family's own node) replaced by ``change(path)``, and those in ``resource_paths`` too when ``resources``;
+    nested families' declarations apply under their node."""
     if isinstance(node, list):
-        return [_map_external_paths(v, change) for v in node]
+        return [_map_external_paths(v, change, resources) for v in node]
     if not isinstance(node, dict):
         return node
-    out = {k: _map_external_paths(v, change) for k, v in node.items()}
+    out = {k: _map_external_paths(v, change, resources) for k, v in node.items()}
     cls = _family_class(node)
-    for dotted in cls.external_paths if cls is not None else ():
+    declared = [*cls.external_paths, *(cls.resource_paths if resources else ())] if cls is not None else []
+    for dotted in declared:
         *parents, key = dotted.split(".")
         holder: Any = out
         for name in parents:
@@ -146,8 +148,8 @@ def without_stage1_paths(node: Any) -> Any:
 
 
 def absolute_stage1_paths(config: dict[str, Any]) -> dict[str, Any]:
-    """Copy of a run config whose model's existing relative stage-1 paths (``Family.external_paths``) are
-    made absolute.
+    """Copy of a run config whose model's existing relative stage-1 paths (``Family.external_paths``) and
+    resource paths (``Family.resource_paths``) are made absolute.
 
     Training checkpoints name their stage-1 sources (their weights are left out, see ``load_family``), so the
     saved config must still find them when sampling runs from another working directory.
@@ -159,7 +161,7 @@ def absolute_stage1_paths(config: dict[str, Any]) -> dict[str, Any]:
 
     if not isinstance(config.get("model"), dict):
         return config
-    return {**config, "model": _map_external_paths(config["model"], absolute)}
+    return {**config, "model": _map_external_paths(config["model"], absolute, resources=True)}
 
 
 def model_state_dict(ckpt: dict[str, Any], use_ema: bool = True) -> dict[str, torch.Tensor]:

@@ -41,6 +41,10 @@ class Family(nn.Module):
     #: (``"vae_checkpoint"``, ``"clip.checkpoint"``): left out when a checkpoint is rebuilt from its own
     #: weights, made absolute when a run config is saved (``t2i_train.checkpoint``).
     external_paths: ClassVar[tuple[str, ...]] = ()
+    #: Constructor arguments that are paths of resources read at use, never copied into the family's weights
+    #: (GILL's image generator): made absolute when a run config is saved, but kept when a checkpoint that holds
+    #: every weight is rebuilt (unlike ``external_paths``, which are then dropped).
+    resource_paths: ClassVar[tuple[str, ...]] = ()
     #: Old name -> new name of renamed sub-modules, buffers and config keys: older checkpoints' state dicts,
     #: external-part lists and configs are read under the new names (``upgrade_config``, ``load_family``).
     renamed_parts: ClassVar[dict[str, str]] = {}

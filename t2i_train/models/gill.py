@@ -144,7 +144,9 @@ class GILL(Family):
 
     family_name: ClassVar[str] = "gill"
     accepted_losses: ClassVar[tuple[type[nn.Module], ...]] = (GILLLoss, L2Distill)
-    external_paths: ClassVar[tuple[str, ...]] = ("lm.checkpoint", "clip.checkpoint", "generator_checkpoint")
+    external_paths: ClassVar[tuple[str, ...]] = ("lm.checkpoint", "clip.checkpoint")
+    #: the generator is loaded at its first use, never into GILL's own weights: its path survives any rebuild
+    resource_paths: ClassVar[tuple[str, ...]] = ("generator_checkpoint",)
     #: external parts that may be replaced without invalidating a trained GILL: any diffusion model whose text
     #: encoder is ``target_encoder`` reads the mapper's output (that encoder is pinned instead, see
     #: ``target_fingerprint``).

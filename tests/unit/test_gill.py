@@ -227,3 +227,21 @@ def test_paper_size_counts_offline_without_allocating(monkeypatch: pytest.Monkey
     assert parts["lm"]["frozen_component"] and parts["lm"]["frozen"] == pytest.approx(6.66e9, rel=0.01)
     assert parts["clip"]["frozen_component"] and parts["clip"]["trainable"] == 0
     assert parts["target_encoder"]["frozen"] == pytest.approx(123e6, rel=0.01)
+
+
+def test_a_rebuilt_checkpoint_keeps_its_generator_path(gill: GILL, tmp_path: Path) -> None:
+    """The generator is a resource read at use (``resource_paths``), not a stage-1 part copied into the weights:
+    rebuilding a checkpoint that holds every weight must not drop its path (``external_paths`` are dropped)."""
+    from t2i_train.checkpoint import absolute_stage1_paths, load_family
+
+    diffusion = _saved_diffusion(tmp_path)
+    node = OmegaConf.to_container(compose_train(["model=gill"]).model, resolve=True)
+    node["generator_checkpoint"] = (
+        str(diffusion.relative_to(Path.cwd())) if diffusion.is_relative_to(Path.cwd()) else str(diffusion)
+    )
+    config = absolute_stage1_paths({"model": node})
+    assert config["model"]["generator_checkpoint"] == str(diffusion.resolve())
+    state = {f"model.{k}": v for k, v in gill.state_dict().items()}
+    torch.save({"t2i_config": config, "state_dict": state}, tmp_path / "gill.ckpt")
+    rebuilt = load_family(tmp_path / "gill.ckpt")
+    assert rebuilt.generator_checkpoint == str(diffusion.resolve()) and rebuilt.available("generate")
