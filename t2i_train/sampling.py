@@ -458,19 +458,25 @@ def add_clip_scores(
     manifest: list[dict[str, Any]], output_dir: Path, scorer: Any, batch_size: int = 64
 ) -> float:
     """Score every image of a sample folder against its prompt (``clip_score`` in each manifest line);
-    returns the mean."""
+    returns the mean. Images of different sizes (retrieved ones are stored at their own) are scored in groups
+    of one size; the scorer resizes each image to its input on its own, so a score does not depend on them."""
     from torchvision.io import ImageReadMode, read_image
 
     from t2i_train.metrics.clip_score import clip_score
 
     for start in range(0, len(manifest), batch_size):
         lines = manifest[start : start + batch_size]
-        images = torch.stack(
-            [read_image(str(output_dir / line["file"]), ImageReadMode.RGB).float() / 255 for line in lines]
-        )
-        scores = clip_score(images, [line["prompt"] for line in lines], scorer)
-        for line, score in zip(lines, scores.tolist()):
-            line["clip_score"] = round(score, 4)
+        images = [
+            read_image(str(output_dir / line["file"]), ImageReadMode.RGB).float() / 255 for line in lines
+        ]
+        sizes: dict[tuple[int, ...], list[int]] = {}
+        for k, image in enumerate(images):
+            sizes.setdefault(tuple(image.shape), []).append(k)
+        for group in sizes.values():
+            prompts = [lines[k]["prompt"] for k in group]
+            scores = clip_score(torch.stack([images[k] for k in group]), prompts, scorer)
+            for k, score in zip(group, scores.tolist()):
+                lines[k]["clip_score"] = round(score, 4)
     write_manifest(manifest, output_dir)
     return sum(line["clip_score"] for line in manifest) / max(1, len(manifest))
 

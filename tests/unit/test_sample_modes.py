@@ -21,6 +21,7 @@ from t2i_train.data.shards import write_synthetic_shards
 from t2i_train.errors import ConfigError, DataError
 from t2i_train.retrieval import RetrievalHit
 from t2i_train.sampling import (
+    add_clip_scores,
     check_mode,
     grid_images,
     read_shard_image,
@@ -287,3 +288,27 @@ def test_the_cli_checks_the_mode_before_reading_the_checkpoint(options: dict, me
     with pytest.raises(ConfigError) as caught:
         check_sample_options(OmegaConf.merge(cfg, options))
     assert str(caught.value) == message
+
+
+class FakeScorer:
+    """CLIP-like: an image's embedding is [its side / 100, 1] (normalised), every text's [0, 1]."""
+
+    def __init__(self) -> None:
+        self.model = torch.nn.Module()
+        self.model.logit_scale = torch.nn.Parameter(torch.zeros(()))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        side = torch.full((len(images),), images.shape[-1] / 100)
+        return torch.nn.functional.normalize(torch.stack([side, torch.ones_like(side)], dim=1), dim=-1)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor([[0.0, 1.0]] * len(texts))
+
+
+def test_clip_scores_cover_a_folder_of_generated_and_stored_sizes(shards: list[Path], tmp_path: Path) -> None:
+    manifest = sample_to_dir(FakeFamily(bank(shards)), ["a", "draw b"], tmp_path, mode="auto", index="ix")
+    add_clip_scores(manifest, tmp_path, FakeScorer(), batch_size=4)
+    assert [m["clip_score"] for m in lines(tmp_path)] == [
+        round(100 / (1 + (SIZE / 100) ** 2) ** 0.5, 4),  # the stored 16 px image
+        round(100 / (1 + (8 / 100) ** 2) ** 0.5, 4),  # the generated 8 px one
+    ]
