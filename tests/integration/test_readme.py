@@ -97,7 +97,9 @@ def check(module, args):
         from t2i_train.cli.shards import build_parser
 
         build_parser().parse_args(args)
-    elif module in {f"t2i_train.{n}" for n in ("encode", "recaption", "evaluate", "export", "pipeline")}:
+    elif module in {
+        f"t2i_train.{n}" for n in ("encode", "recaption", "evaluate", "export", "pipeline", "index", "gill_decision")
+    }:
         parse_args = getattr(__import__(f"t2i_train.cli.{name}", fromlist=["parse_args"]), "parse_args")
         parse_args(apply_trust_argument(args))
     elif module == "t2i_train.metrics.caption_accuracy":  # key=value options, no separate parser
@@ -174,7 +176,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, obj
 def test_the_readme_shows_every_cli() -> None:
     modules = {c.split()[c.split().index("-m") + 1] for c in COMMANDS}
     for cli in ("t2i_train", "t2i_train.sample", "t2i_train.summary", "t2i_train.shards", "t2i_train.encode",
-                "t2i_train.evaluate", "t2i_train.pipeline", "t2i_train.recaption"):  # fmt: skip
+                "t2i_train.evaluate", "t2i_train.pipeline", "t2i_train.recaption", "t2i_train.index",
+                "t2i_train.gill_decision"):  # fmt: skip
         assert cli in modules, cli
     assert any("{" in c and "'" in c for c in COMMANDS)  # a quoted brace pattern, as users paste them
     assert any("$DIR" in c for c in COMMANDS)
