@@ -354,7 +354,10 @@ class LatentDiffusion(Family):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention input and mask of the conditional stream, followed (with CFG) by the unconditional."""
         if condition is not None:
-            emb, mask = condition[0].to(self.text_proj.weight.device), condition[1].to(self.text_proj.weight.device)
+            emb, mask = (
+                condition[0].to(self.text_proj.weight.device),
+                condition[1].to(self.text_proj.weight.device),
+            )
             if emb.shape[0] != len(prompts) or emb.shape[-1] != self.text_encoder.dim:
                 raise ConfigError(
                     f"condition embeddings {tuple(emb.shape)} do not fit {len(prompts)} prompts of this model's "

@@ -64,7 +64,11 @@ class CLIPTextEncoder(TextEncoder):
 
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.tokenizer(
-            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )["input_ids"].to(self.device)
         hidden = self.model(input_ids=ids).last_hidden_state.float()
         return hidden, torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
