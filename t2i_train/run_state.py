@@ -111,6 +111,21 @@ def describe_lost_ranks(trainer: Any) -> str:
     return f"another of the {world} processes stopped"
 
 
+def disarm_child_process_observer() -> None:
+    """Stop Lightning's child-process observer from SIGKILLing this process.
+
+    In a DDP run started by Lightning's subprocess launcher, a thread of rank 0 polls the other ranks every
+    5 s and, when one has died, SIGKILLs everything including rank 0 itself. Once rank 0 has seen the loss and
+    is reporting it (one line, exit code 3), that kill would land mid-report, so the observer is told it is done.
+    """
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "child-process-observer" and hasattr(thread, "_run"):
+            thread._run = lambda: True  # type: ignore[attr-defined]
+            thread._finished = True  # type: ignore[attr-defined]
+
+
 def lost_rank_error(exc: BaseException, trainer: Any, run_dir: Path) -> LostRank:
     """The one-line account of a lost process: who, where the run stands, the command that continues it."""
     newest = resume_candidates(run_dir)

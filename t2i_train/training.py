@@ -29,6 +29,7 @@ from t2i_train.errors import EXIT_STOPPED, CheckpointError, ConfigError
 from t2i_train.models.base import Family
 from t2i_train.run_state import (
     data_summary,
+    disarm_child_process_observer,
     gather_data_counts,
     is_lost_peer_error,
     lost_rank_error,
@@ -224,6 +225,7 @@ def fit(
         return  # SaveOnSignal wrote last.ckpt; train() reports and exits with EXIT_STOPPED
     except Exception as exc:
         if trainer.world_size > 1 and is_lost_peer_error(exc):
+            disarm_child_process_observer()
             raise lost_rank_error(exc, trainer, run_dir) from exc
         raise
 

@@ -28,6 +28,8 @@ import lightning as L
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from t2i_train.run_state import disarm_child_process_observer, is_lost_peer_error
+
 log = logging.getLogger(__name__)
 
 
@@ -73,6 +75,8 @@ class SaveOnSignal(L.Callback):
     ) -> None:
         if isinstance(exception, SIGTERMException):
             self._save(trainer, "SIGTERM")
+        elif trainer.world_size > 1 and is_lost_peer_error(exception):
+            disarm_child_process_observer()  # rank 0 reports the loss itself (training.fit)
 
     def _save(self, trainer: L.Trainer, why: str) -> None:
         self.stopped_by = why

@@ -9,7 +9,8 @@ Checks (generic: capabilities are asked with ``model.can(...)``, never a family 
 1. one optimizer step of the family's real task and loss on a real shapes batch: finite loss, finite
    gradients on every trainable parameter, and the trainable weights move;
 2. frozen parts (``frozen_modules()``) get no gradient and stay bit-identical through the step;
-3. ``generate`` (where ``can("generate")``): [B, 3, H, W] in [0, 1], same seed -> same images, another seed
+3. ``generate`` (where ``available("generate")``; GILL's default has no generator attached): [B, 3, H, W] in
+   [0, 1], same seed -> same images, another seed
    -> other images;
 4. a checkpoint written by the trainer, read back by ``t2i_train.checkpoint.load_family`` into a fresh
    build, gives identical weights and outputs;
@@ -215,7 +216,7 @@ def generate(model: Family, seed: int) -> torch.Tensor:
 
 def test_generate_shape_range_and_seed(trained: Trained) -> None:
     model = trained.model
-    if not model.can("generate"):
+    if not model.available("generate"):
         pytest.skip(f"model={trained.cfg.model._target_.rsplit('.', 1)[-1]} does not generate images")
     first = trained.images(0)
     assert first.ndim == 4 and first.shape[:2] == (len(PROMPTS), 3), first.shape
@@ -231,7 +232,7 @@ def test_checkpoint_round_trip(trained: Trained) -> None:
     assert type(fresh) is type(trained.model)
     assert tensors_equal(fresh.state_dict(), trained.model.state_dict()), "weights differ after reloading"
     assert tensors_equal(family_outputs(fresh, trained.batch), family_outputs(trained.model, trained.batch))
-    if fresh.can("generate"):
+    if fresh.available("generate"):
         assert torch.equal(generate(fresh, 0), trained.images(0)), (
             "the reloaded family generates other images"
         )
