@@ -338,6 +338,7 @@ class T2ITask(L.LightningModule):
             fully_shard(block, mesh=dp_mesh)
         fully_shard(self.model, mesh=dp_mesh, ignored_params=frozen or None)
         self._sharded = True
+        log.info(sharding_summary(self.model, dp_mesh.size()))
         if self.ema is not None:
             self.ema = EMA(self.model, self.ema.decay, self.ema.start_step)
 
@@ -440,3 +441,16 @@ class T2ITask(L.LightningModule):
             if self.ema is not None:
                 self.ema.swap(self.model)
             self.model.train(was_training)
+
+
+def sharding_summary(model: nn.Module, ranks: int) -> str:
+    """What FSDP2 did, read off the parameters themselves: sharded (DTensor) vs kept whole on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = sum(p.numel() for p in model.parameters() if isinstance(p, DTensor))
+    whole = [p for p in model.parameters() if not isinstance(p, DTensor)]
+    trained_whole = sum(p.numel() for p in whole if p.requires_grad)
+    return (
+        f"fsdp2: {sharded:,} parameters sharded over {ranks} ranks; {sum(p.numel() for p in whole):,} kept whole "
+        f"on every rank ({trained_whole:,} of them trained)"
+    )

@@ -215,7 +215,8 @@ class GILL(Family):
         self.visual_prefix = nn.Linear(vision, self.prefix_tokens * width)
         self.image_retrieval = nn.Linear(vision, retrieval_dim)
         self.text_retrieval = nn.Linear(width, retrieval_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # [1], not a scalar: FSDP2 shards no 0-d parameter
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.mapper = GILLMapper(width, self.target_encoder.dim, self.target_tokens, **mapper)
         # trained afterwards, alone (t2i_train.gill_decision): no gradient in the main stage, which DDP needs
         self.decision = nn.Sequential(nn.Dropout(0.5), nn.Linear(width, len(DECISIONS))).requires_grad_(False)
@@ -392,7 +393,7 @@ class GILL(Family):
             "img_targets": image_pass.targets,
             "text_features": self.text_embedding(image_pass.img_states),
             "image_features": self.image_embedding(features),
-            "logit_scale": self.logit_scale.exp().clamp(max=100.0),
+            "logit_scale": self.logit_scale.exp().clamp(max=100.0).reshape(()),
             "mapped": mapped,
             "target": target,
             "target_mask": target_mask,
@@ -619,6 +620,9 @@ class GILL(Family):
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
+        scale = f"{prefix}logit_scale"
+        if scale in state_dict and state_dict[scale].ndim == 0:  # written before it became [1]
+            state_dict[scale] = state_dict[scale].reshape(1)
         key = f"{prefix}target_fingerprint"
         if key in state_dict:
             saved, mine = float(state_dict[key]), float(self.target_fingerprint)
