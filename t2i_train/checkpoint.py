@@ -171,6 +171,17 @@ def model_state_dict(ckpt: dict[str, Any], use_ema: bool = True) -> dict[str, to
     return state
 
 
+def fit_one_element_shapes(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Reshape one-element tensors to the model's shape: FSDP2 runs hold 0-d parameters as [1]
+    (``t2i_train.task.promote_scalar_parameters``), a fresh build holds them as scalars."""
+    own = dict(model.state_dict(keep_vars=True))
+    for key, value in state.items():
+        mine = own.get(key)
+        if mine is not None and value.numel() == 1 == mine.numel() and value.shape != mine.shape:
+            state[key] = value.reshape(mine.shape)
+    return state
+
+
 def load_family(path: str | Path, use_ema: bool = True, ckpt: dict[str, Any] | None = None) -> Family:
     """Rebuild the family stored in a training checkpoint, with its (EMA) weights, in eval mode.
 
@@ -193,7 +204,8 @@ def load_family(path: str | Path, use_ema: bool = True, ckpt: dict[str, Any] | N
     else:
         with no_weight_loading():
             model = build_from_config(without_stage1_paths(model_cfg))
-    missing, unexpected = model.load_state_dict(model_state_dict(ckpt, use_ema), strict=False)
+    state = fit_one_element_shapes(model_state_dict(ckpt, use_ema), model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     prefixes = tuple(f"{name}." for name in external)
     missing = [key for key in missing if not key.startswith(prefixes)]
     if missing or unexpected:

@@ -334,6 +334,11 @@ class T2ITask(L.LightningModule):
             mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
         )
         frozen = {p for module in self.model.frozen_modules().values() for p in module.parameters()}
+        promoted = promote_scalar_parameters(self.model, frozen)
+        if promoted:
+            log.info(
+                "fsdp2: 0-d parameters %s held as [1] (fully_shard shards no scalar)", ", ".join(promoted)
+            )
         for block in self.model.trained_blocks():
             fully_shard(block, mesh=dp_mesh)
         fully_shard(self.model, mesh=dp_mesh, ignored_params=frozen or None)
@@ -454,3 +459,21 @@ def sharding_summary(model: nn.Module, ranks: int) -> str:
         f"fsdp2: {sharded:,} parameters sharded over {ranks} ranks; {sum(p.numel() for p in whole):,} kept whole "
         f"on every rank ({trained_whole:,} of them trained)"
     )
+
+
+def promote_scalar_parameters(model: nn.Module, skip: set[nn.Parameter]) -> list[str]:
+    """Turn each trained 0-d parameter (e.g. open_clip's ``logit_scale``) into a [1] one, in place.
+
+    FSDP2 refuses to shard scalars; a [1] parameter broadcasts wherever the scalar did. Checkpoints then hold
+    it as [1]; ``t2i_train.checkpoint.load_family`` reshapes it back for a single-process build.
+    """
+    promoted = []
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or param.ndim != 0 or param in skip:
+                continue
+            module._parameters[name] = nn.Parameter(
+                param.detach().reshape(1), requires_grad=param.requires_grad
+            )
+            promoted.append(f"{module_name}.{name}" if module_name else name)
+    return promoted

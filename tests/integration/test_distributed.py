@@ -87,3 +87,29 @@ def test_ddp_and_fsdp2_follow_the_single_process_curve(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_scalar_parameter_trains_under_fsdp2_and_loads_on_one_process(tmp_path: Path) -> None:
+    """open_clip's ``logit_scale`` is 0-d, which fully_shard refuses: FSDP2 holds it as [1], and the checkpoint
+    loads back into a single-process build (where it is a scalar again)."""
+    from t2i_train.checkpoint import load_family, read_checkpoint
+
+    run_dir = tmp_path / "clip"
+    command = [
+        sys.executable, "-m", "t2i_train", "model=clip", "strategy=fsdp2", "trainer.accelerator=cpu",
+        "trainer.devices=2", "trainer.max_steps=2", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+        "sampling.every_n_steps=0", "checkpoint.every_n_steps=1", "data.synthetic.count=512",
+        "data.synthetic.val_count=32", f"data.cache_dir={tmp_path}/cache", "data.num_workers=0", "data.batch_size=4",
+        "logger=csv", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "logit_scale held as [1]" in done.stdout + done.stderr
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = read_checkpoint(last)["state_dict"]
+    key = next(k for k in saved if k.endswith("logit_scale"))
+    assert saved[key].shape == (1,)
+    model = load_family(last, use_ema=False)
+    loaded = dict(model.named_parameters())[key[len("model.") :]]
+    assert loaded.shape == () and loaded.item() == saved[key].item()
