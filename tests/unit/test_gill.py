@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -109,6 +110,44 @@ def test_only_img0_is_taught_in_the_image_pass(gill: GILL) -> None:
     last = len(gill.caption_ids(CAPTIONS[0])) - 1
     assert torch.allclose(passed.logits[0], gill.logits(hidden[0, last]), atol=1e-4)
     assert torch.allclose(passed.img_states[0], hidden[0, last + 1 :], atol=1e-4)
+
+
+def test_the_caption_pass_reads_start_token_then_prefix_then_caption(gill: GILL) -> None:
+    """The LM sees its start token first, as in all its training; the prefix follows; the caption is taught."""
+    start = gill.start_ids()
+    assert start, "the tiny GILL's CLIP BPE tokenizer adds a start token"
+    seen: list[torch.Tensor] = []
+    real = gill.hidden_states
+
+    def spy(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        seen.append(embeds.detach())
+        return real(embeds, mask)
+
+    features = torch.randn(1, gill.clip.width)
+    gill.hidden_states = spy  # type: ignore[method-assign]
+    try:
+        _, targets = gill.caption_pass(features, [CAPTIONS[0]])
+    finally:
+        del gill.hidden_states
+    prefix = gill.visual_prefix(features).view(gill.prefix_tokens, gill.width).detach()
+    embeds = seen[0][0]
+    assert torch.equal(embeds[: len(start)], gill.embed(torch.tensor([start]))[0].detach())
+    assert torch.equal(embeds[len(start) : len(start) + gill.prefix_tokens], prefix)
+    caption = gill.caption_ids(CAPTIONS[0])[len(start) :]
+    assert targets.tolist() == [*caption, gill.eos_token_id]
+
+
+def test_retrieval_can_read_every_image_token_state() -> None:
+    cfg = compose_train(["model=gill", "model.retrieval_states=all"])
+    model = instantiate(cfg.model, _convert_="all")
+    states = torch.randn(3, model.image_token_count, model.width)
+    embedding = model.text_embedding(states)
+    assert embedding.shape == (3, model.text_retrieval.out_features)
+    changed = states.clone()
+    changed[:, -1] += 1.0  # the last [IMG] state alone moves the embedding
+    assert not torch.allclose(model.text_embedding(changed), embedding)
+    with pytest.raises(InstantiationException, match="retrieval_states must be one of first, all"):
+        instantiate(compose_train(["model=gill", "model.retrieval_states=mean"]).model, _convert_="all")
 
 
 def test_img1_and_later_are_forced_after_img0_and_never_decoded_alone(gill: GILL) -> None:
