@@ -66,8 +66,22 @@ def newest_readable_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+#: set by launchers that run training stages themselves (``python -m t2i_train.pipeline``): re-running that
+#: command, not ``python -m t2i_train``, is what continues the run
+_launcher_command: str | None = None
+
+
+def set_continue_command(command: str | None) -> None:
+    """Make ``resume_command`` answer ``command`` (the launcher's own command line), or the default again."""
+    global _launcher_command
+    _launcher_command = command
+
+
 def resume_command(run_dir: Path, argv: list[str] | None = None) -> str:
-    """The command that continues this run: the same overrides plus ``resume=auto`` and the run dir."""
+    """The command that continues this run: the same overrides plus ``resume=auto`` and the run dir (or the
+    launcher's command set by ``set_continue_command``)."""
+    if _launcher_command is not None and argv is None:
+        return _launcher_command
     argv = list(sys.argv[1:] if argv is None else argv)
     keep = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in ("resume", "hydra.run.dir")]
     return shlex.join(["python", "-m", "t2i_train", *keep, "resume=auto", f"hydra.run.dir={run_dir}"])

@@ -82,6 +82,5 @@ class SaveOnSignal(L.Callback):
         self.stopped_by = why
         trainer.save_checkpoint(self.path)
         if trainer.is_global_zero:
-            log.info(
-                "%s: saved %s at step %d; continue with resume=auto", why, self.path, trainer.global_step
-            )
+            # the command that continues the run follows in the "stopped by" line (t2i_train.training.fit)
+            log.info("%s: saved %s at step %d", why, self.path, trainer.global_step)

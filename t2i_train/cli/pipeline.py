@@ -22,6 +22,7 @@ at once), encoding skips finished shards; sampling and scoring are redone. ``--<
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from t2i_train.checkpoint_io import apply_trust_argument
 from t2i_train.cli.common import CONF_DIR, console_logging, hydra_argv, quiet_third_party, user_errors_exit
 from t2i_train.recipes import DEFAULT, available, get
 from t2i_train.recipes.base import Run
+from t2i_train.run_state import set_continue_command
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,7 +82,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     quiet_third_party()
     console_logging()
-    run(parse_args(apply_trust_argument(sys.argv[1:] if argv is None else argv)))
+    given = list(sys.argv[1:] if argv is None else argv)
+    # a stage stopped by a signal or a lost rank: re-running the pipeline continues it, stage by stage
+    set_continue_command(shlex.join(["python", "-m", "t2i_train.pipeline", *given]))
+    try:
+        run(parse_args(apply_trust_argument(given)))
+    finally:
+        set_continue_command(None)
 
 
 if __name__ == "__main__":
