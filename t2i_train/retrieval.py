@@ -90,12 +90,14 @@ def build_index(
     one) and merges. ``factory``: ``auto`` (Flat below FLAT_LIMIT vectors, else IVF sized to N) or a FAISS
     factory string such as ``IVF1024,PQ32``. Returns a summary (``merged`` False on the other ranks).
     """
-    from t2i_train.data.datamodule import resolve_urls
+    from t2i_train.data.datamodule import is_local, local_path, resolve_urls
     from t2i_train.data.shard_map import rank_and_world
 
     start = time.perf_counter()
     _check_resize(resize)
-    shards = _unique_names(resolve_urls(urls))
+    # local shards by absolute path: keys.jsonl says where each image is, read from any working directory
+    found = resolve_urls(urls)
+    shards = _unique_names([str(local_path(u).resolve()) if is_local(u) else u for u in found])
     rank, world = rank_and_world()
     model, size, settings = _load_embedder(checkpoint, image_size, resize, use_ema, pick_device(device))
     probe = _embed(model, probe_images(size))

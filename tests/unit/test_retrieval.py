@@ -115,6 +115,18 @@ def test_each_image_finds_itself_first_and_prompts_retrieve(
     assert all(a.score >= b.score for h in by_model for a, b in itertools.pairwise(h))
 
 
+def test_a_relative_bank_is_stored_by_absolute_path(
+    clip_ckpt: Path, bank: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """keys.jsonl says where each image is: readable from another working directory than the build's."""
+    shapes = Path(bank[0])
+    monkeypatch.chdir(shapes.parent)
+    build_index(str(clip_ckpt), ["shapes/shapes-000000.tar"], tmp_path / "rel", batch_size=4, device="cpu")
+    monkeypatch.chdir(tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "rel" / "keys.jsonl").read_text().splitlines()]
+    assert lines and {line["shard"] for line in lines} == {str((shapes / "shapes-000000.tar").resolve())}
+
+
 def test_restart_recomputes_only_the_missing_part(
     clip_ckpt: Path, bank: list[str], built: Path, tmp_path: Path
 ) -> None:
