@@ -633,3 +633,18 @@ def save_grid(grid: torch.Tensor, path: Path) -> None:
 
     array = grid.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     Image.fromarray(array).save(path)
+
+
+def use_generator_checkpoint(model: Any, path: str) -> None:
+    """Draw through the generator at ``path`` (a model with a separate generator, e.g. GILL: it is loaded and
+    checked on first use); a family that draws by itself gets one line."""
+    if not hasattr(model, "generator_checkpoint"):
+        name = getattr(model, "family_name", type(model).__name__)
+        raise ConfigError(
+            f"generator_checkpoint= is for a model that draws through a separate generator (gill); "
+            f"model={name} has none: drop it"
+        )
+    if not Path(path).exists():
+        raise ConfigError(f"generator_checkpoint={path}: no such file or folder")
+    model.generator_checkpoint = path
+    model.generator = None  # the one it had (if any) is replaced on first use

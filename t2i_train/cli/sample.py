@@ -59,6 +59,7 @@ from t2i_train.sampling import (
     sample_to_dir,
     training_sampling_kwargs,
     upsample_prompts,
+    use_generator_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     device = pick_device(cfg.device)
     upsampled = upsampled_prompts(cfg, prompts)
     model = load_family(cfg.checkpoint, use_ema=cfg.use_ema, ckpt=ckpt).to(device)
+    if cfg.generator_checkpoint:
+        use_generator_checkpoint(model, str(cfg.generator_checkpoint))
     check_model(cfg, model)
     scorer = pick_scorer(cfg.clip_scorer, model, device) if cfg.clip_score else None
     sampling = {**training_sampling_kwargs(ckpt), **OmegaConf.to_container(cfg.sampling, resolve=True)}

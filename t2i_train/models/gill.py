@@ -241,7 +241,7 @@ class GILL(Family):
         if not checkpoint:
             raise ConfigError(
                 "this GILL has no image generator: set model.generator_checkpoint=<the diffusion checkpoint "
-                "whose text encoder is model.target_encoder>"
+                "whose text encoder is model.target_encoder> (python -m t2i_train.sample: generator_checkpoint=)"
             )
         from t2i_train.checkpoint import load_family
 

@@ -147,6 +147,27 @@ def test_auto_draws_through_the_attached_generator(gill: Path, index: Path, tmp_
     assert Image.open(out / "0.png").size == (32, 32) and (out / "grid.png").is_file()
 
 
+def test_a_generator_given_on_the_command_line_draws_for_a_gill_trained_without_one(
+    gill: Path, diffusion: Path, tmp_path: Path
+) -> None:
+    bare = variant(gill, tmp_path / "nogen.ckpt", generator=False)
+    out = tmp_path / "drawn"
+    proc = run_cli(
+        "t2i_train.sample", f"checkpoint={bare}", PROMPTS, f"output_dir={out}", f"generator_checkpoint={diffusion}",
+        "sampling.steps=2",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["source"] for m in manifest(out)] == ["generated"] * 2
+    proc = run_cli(
+        "t2i_train.sample", f"checkpoint={diffusion}", PROMPTS, f"output_dir={tmp_path / 'no'}",
+        f"generator_checkpoint={diffusion}",
+    )  # fmt: skip
+    assert_one_line_error(
+        proc, "generator_checkpoint= is for a model that draws through a separate generator"
+    )
+    assert not (tmp_path / "no").exists()
+
+
 def test_a_missing_index_is_one_line_before_the_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = run_cli(
