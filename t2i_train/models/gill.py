@@ -226,8 +226,7 @@ class GILL(Family):
         self.image_retrieval = nn.Linear(vision, retrieval_dim)
         read = self.image_token_count if self.retrieval_states == "all" else 1
         self.text_retrieval = nn.Linear(read * width, retrieval_dim)
-        # [1], not a scalar: FSDP2 shards no 0-d parameter
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.mapper = GILLMapper(width, self.target_encoder.dim, self.target_tokens, **mapper)
         # trained afterwards, alone (t2i_train.gill_decision): no gradient in the main stage, which DDP needs
         self.decision = nn.Sequential(nn.Dropout(0.5), nn.Linear(width, len(DECISIONS))).requires_grad_(False)
@@ -408,7 +407,7 @@ class GILL(Family):
             "img_targets": image_pass.targets,
             "text_features": self.text_embedding(image_pass.img_states),
             "image_features": self.image_embedding(features),
-            "logit_scale": self.logit_scale.exp().clamp(max=100.0).reshape(()),
+            "logit_scale": self.logit_scale.exp().clamp(max=100.0),
             "mapped": mapped,
             "target": target,
             "target_mask": target_mask,
@@ -645,9 +644,6 @@ class GILL(Family):
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        scale = f"{prefix}logit_scale"
-        if scale in state_dict and state_dict[scale].ndim == 0:  # written before it became [1]
-            state_dict[scale] = state_dict[scale].reshape(1)
         key = f"{prefix}target_fingerprint"
         if key in state_dict:
             saved, mine = float(state_dict[key]), float(self.target_fingerprint)
