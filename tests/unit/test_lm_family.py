@@ -105,6 +105,30 @@ def test_each_sample_is_taught_one_of_its_distinct_texts_drawn_uniformly() -> No
         tiny(text_keys=["txt"])
 
 
+def test_join_prob_teaches_all_texts_of_a_sample_in_one_sequence_in_training_only() -> None:
+    model = tiny(join_prob=1.0)
+    batch = batch_of([dict(META)] * 8)
+    texts = model.sample_texts(batch, 0)
+    torch.manual_seed(0)
+    rows = [model.joined_row(batch, 0) for _ in range(12)]
+    taught = {tuple(model.encode(t)) for t in texts}
+    for row in rows:  # every text once, each as taught ([start] text [EOS]), in some order
+        assert len(row) == sum(len(t) for t in taught)
+        pieces, rest = [], list(row)
+        while rest:
+            piece = next(t for t in taught if tuple(rest[: len(t)]) == t)
+            pieces.append(piece)
+            rest = rest[len(piece) :]
+        assert set(pieces) == taught
+    assert len({tuple(r) for r in rows}) > 1  # the order is drawn
+    out = model.train()(batch)
+    assert int((out["targets"] != IGNORE_INDEX).sum(1)[0]) == len(rows[0]) - 1
+    single = model.eval()(batch)  # evaluation: one text per sample, as without join_prob
+    assert int((single["targets"] != IGNORE_INDEX).sum(1).max()) < len(rows[0]) - 1
+    with pytest.raises(ConfigError, match=r"model\.join_prob=1\.5"):
+        tiny(join_prob=1.5)
+
+
 def test_complete_continues_a_learnt_text_and_batches_by_length() -> None:
     torch.manual_seed(0)
     model = tiny(text_keys=["caption"])
