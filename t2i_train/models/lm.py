@@ -269,12 +269,13 @@ class CausalLanguageModel(Family):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``logits`` [B, T, V] and ``targets`` [B, T]: the next token of each position, ``IGNORE_INDEX`` on
         padding (and on the whole row of a sample without a text)."""
-        rows = [self.encode(t) if t is not None else self._empty_row() for t in self.choose_texts(batch)]
-        if self.training and self.join_prob > 0:
-            rows = [
-                self.joined_row(batch, i) if torch.rand(()) < self.join_prob else r
-                for i, r in enumerate(rows)
-            ]
+        join = self.training and self.join_prob > 0
+        rows = [
+            self.joined_row(batch, i)
+            if join and torch.rand(()) < self.join_prob
+            else (self.encode(text) if text is not None else self._empty_row())
+            for i, text in enumerate(self.choose_texts(batch))
+        ]
         logits, targets = lm_logits(self.lm, rows, self.pad_token_id)
         return {"logits": logits, "targets": targets}
 
