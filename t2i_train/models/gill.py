@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from t2i_train.models.clip import FrozenCLIP
     from t2i_train.models.lm import CausalLanguageModel
     from t2i_train.text.base import TextEncoder
+    from t2i_train.text.upsampler import Upsampler
 
 #: the decision head's classes, in logit order
 DECISIONS: tuple[str, ...] = ("retrieve", "generate")
@@ -143,6 +144,11 @@ class GILL(Family):
             captions of the shapes set, ``json.caption``: a fifth of the vocabulary-sized logits of the
             descriptive ones, on CPU) instead of the batch caption, which the [IMG] pass keeps; null (the
             paper): the batch caption in both passes. Samples without the field use the batch caption.
+        target_rewrite: an ``Upsampler`` or its options (``{kind: template, template_index: 0}``, as conf/upsampler) applied to each caption before the target encoder
+            reads it, or None (the paper: the caption itself). The distance is per token, so when captions come
+            from several templates the same target position holds different words in different captions and
+            the mapper's best guess there is their mean; a fixed-template rewrite (``TemplateUpsampler`` with a
+            ``template_index``) lines the positions up. Pre-encoded targets carry the hash of the rewritten text.
         init_seed: initialisation of the trainable parts (identical in every process).
     """
 
@@ -171,6 +177,7 @@ class GILL(Family):
         max_caption_tokens: int = 64,
         caption_pass_key: str | None = None,
         retrieval_states: str = "first",
+        target_rewrite: Upsampler | Mapping[str, Any] | None = None,
         init_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -199,6 +206,7 @@ class GILL(Family):
                 "model.target_encoder is required: the text encoder whose space the mapper learns"
             )
         self.target_encoder = target_encoder
+        self.target_rewrite = _rewrite(target_rewrite)
         self.freeze("target_encoder", external=bool(getattr(target_encoder, "loaded_pretrained", False)))
         width, vision = self.width, self.clip.width
         with torch.random.fork_rng(devices=[]):
@@ -346,12 +354,18 @@ class GILL(Family):
         return int(self.tokenizer.eos_token_id)
 
     # ---------------------------------------------------------------------------------------- target
+    def target_texts(self, captions: Sequence[str]) -> list[str]:
+        """What the target encoder reads for each caption: ``target_rewrite`` of it, or the caption itself."""
+        captions = [str(c) for c in captions]
+        return list(self.target_rewrite(captions)) if self.target_rewrite is not None else captions
+
     @torch.no_grad()
     def encode_target(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The target encoder's output for each caption, padded / cut to ``target_tokens``: ([B, Q, D_t], [B, Q])."""
+        """The target encoder's output for each caption (after ``target_rewrite``), padded / cut to
+        ``target_tokens``: ([B, Q, D_t], [B, Q])."""
         from t2i_train.text.base import pad_condition
 
-        emb, mask = self.target_encoder(list(captions))
+        emb, mask = self.target_encoder(self.target_texts(captions))
         emb, mask = pad_condition(emb.float(), mask.bool(), self.target_tokens)
         return emb * mask[..., None], mask
 
@@ -363,7 +377,7 @@ class GILL(Family):
         """``gen_target_emb`` / ``gen_target_mask`` (the distillation target) and ``gen_target_hash`` (which
         caption they belong to: training recomputes rows whose caption differs)."""
         emb, mask = self.encode_target(captions)
-        hashes = torch.tensor([caption_hash(c) for c in captions], dtype=torch.int64)
+        hashes = torch.tensor([caption_hash(c) for c in self.target_texts(captions)], dtype=torch.int64)
         return {"gen_target_emb": emb.half(), "gen_target_mask": mask, "gen_target_hash": hashes}
 
     def batch_target(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,7 +394,7 @@ class GILL(Family):
                 f"({self.target_tokens}, {self.target_encoder.dim}); re-encode the shards with this model"
             )
         stored = batch.get("gen_target_hash")
-        wanted = torch.tensor([caption_hash(c) for c in captions], dtype=torch.int64)
+        wanted = torch.tensor([caption_hash(c) for c in self.target_texts(captions)], dtype=torch.int64)
         if stored is None:  # shards encoded without hashes: trust them
             return emb * mask[..., None], mask
         stale = torch.as_tensor(stored).cpu().reshape(-1) != wanted
@@ -678,6 +692,19 @@ def _frozen_lm(lm: Any) -> nn.Module:
     if lm is None or isinstance(lm, Mapping):
         return load_frozen_lm(**{k: v for k, v in dict(lm or {}).items() if k != "_target_"})
     raise ConfigError(f"model.lm must be an LM config node or a CausalLanguageModel, got {type(lm).__name__}")
+
+
+def _rewrite(node: Any) -> Upsampler | None:
+    from t2i_train.text.upsampler import Upsampler, build_upsampler
+
+    if node is None or isinstance(node, Upsampler):
+        return node
+    if isinstance(node, Mapping) and "kind" in node:
+        options = {str(k): v for k, v in dict(node).items() if k != "kind"}
+        return build_upsampler(str(node["kind"]), **options)
+    raise ConfigError(
+        f"model.target_rewrite must be null or an upsampler node with a kind (conf/upsampler), got {node!r}"
+    )
 
 
 def _check_options(image_tokens: int, prefix_tokens: int, target_tokens: int, concat: float) -> None:

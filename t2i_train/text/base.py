@@ -85,6 +85,7 @@ class PromptCache:
         emb = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
         mask = torch.zeros(len(rows), length, dtype=torch.bool, device=emb.device)
         for i, row in enumerate(rows):
-            emb[i, : row.shape[0]] = row[:length]
-            mask[i, : row.shape[0]] = True
+            kept = min(row.shape[0], length)  # a row longer than pad_to is cut, as the encoder would
+            emb[i, :kept] = row[:kept]
+            mask[i, :kept] = True
         return emb, mask

@@ -199,6 +199,42 @@ def test_pre_encoded_targets_give_the_on_the_fly_loss(gill: GILL) -> None:
     assert torch.allclose(target[0], fresh[0])
 
 
+def test_target_rewrite_distils_every_wording_to_one_templates_target(gill: GILL) -> None:
+    from t2i_train.data.synthetic import DESCRIPTIVE_TEMPLATES, descriptive_prompt
+    from t2i_train.text.upsampler import TemplateUpsampler
+
+    model = copy.deepcopy(gill).eval()
+    model.target_rewrite = TemplateUpsampler(template_index=0)
+    wordings = [
+        "a red circle in the top left",
+        "top left: a red circle",
+        descriptive_prompt("red", "circle", "top left", template=2),
+    ]
+    target, mask = model.encode_target(wordings)
+    reference, reference_mask = gill.encode_target(
+        [descriptive_prompt("red", "circle", "top left", template=0)]
+    )
+    for row in range(len(wordings)):  # three wordings, one target: template 0's
+        assert torch.equal(mask[row], reference_mask[0]) and torch.allclose(target[row], reference[0])
+    assert len(DESCRIPTIVE_TEMPLATES) > 1 and not torch.allclose(
+        gill.encode_target(wordings[2:])[0], reference
+    )
+    # stored targets carry the rewritten text's hash: pre-encoded by this model, they are used as they are
+    plain = {"caption": wordings}
+    stored = {**plain, **model.pre_encode_captions(wordings)}
+    assert torch.allclose(model.batch_target(stored)[0], target, atol=1e-2)
+    # ... and targets encoded without the rewrite are stale for it (recomputed, never trained on)
+    unrewritten = {**plain, **gill.pre_encode_captions(wordings)}
+    assert torch.allclose(model.batch_target(unrewritten)[0], target)
+
+
+def test_target_rewrite_must_be_an_upsampler_node() -> None:
+    with pytest.raises(InstantiationException, match="target_rewrite must be null or an upsampler node"):
+        instantiate(
+            compose_train(["model=gill", "+model.target_rewrite.template_index=0"]).model, _convert_="all"
+        )
+
+
 def test_a_checkpoint_trained_to_another_target_encoder_is_refused(gill: GILL) -> None:
     cfg = compose_train(["model=gill", "model.target_encoder.init_seed=1"])
     other = instantiate(cfg.model, _convert_="all")
