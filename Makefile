@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install train train-galip train-diffusion train-dalle3 train-gill test test-install test-slow test-all lint format bench clean slurm-up slurm-down
+.PHONY: help install train train-galip train-diffusion train-dalle3 train-gill train-cm3leon test test-install test-slow test-all lint format bench clean slurm-up slurm-down
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ train-dalle3: $(STAMP)  ## the DALL-E 3 ablation: CLIP, captioner, recaptioned s
 
 train-gill: $(STAMP)  ## GILL: CLIP, LM, VAE, diffusion -> GILL -> retrieval index -> decision head -> scores
 	$(BIN)/python -m t2i_train.pipeline --recipe gill --data $(DATA) --out outputs/make_train_gill
+
+train-cm3leon: $(STAMP)  ## CM3leon: VQGAN -> tokens -> CM3leon (text <-> image, CM3 objective) -> samples -> scores -> captions
+	$(BIN)/python -m t2i_train.pipeline --recipe cm3leon --data $(DATA) --out outputs/make_train_cm3leon
 
 test: $(STAMP)  ## the test suite CI runs (excludes slow/gpu tests; tests marked slurm use a local cluster)
 	@bash slurm/local_cluster.sh install && bash slurm/local_cluster.sh start \

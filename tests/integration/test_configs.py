@@ -19,7 +19,7 @@ from t2i_train.training import train
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # Paper-size presets are composed and built on the meta device, never trained here.
-PAPER_SIZE = {"muse_3b", "galip_coco", "gill_opt6_7b"}
+PAPER_SIZE = {"muse_3b", "galip_coco", "gill_opt6_7b", "cm3leon_350m", "cm3leon_760m", "cm3leon_7b"}
 
 
 def compose_train(overrides: list[str]):
