@@ -8,7 +8,8 @@ DPM-Solver++ 20/10 steps and their speed-ups over DDIM-50 (`python benchmarks/ru
 optimizer state of a ~50M-parameter Muse trained by 2 CPU processes under DDP and under FSDP2, with their ratio
 (`python benchmarks/run.py memory` runs only that part); and greedy decoding of 256 tokens by a decoder-only
 transformer of the shared blocks with and without the KV cache, tokens/s and their ratio (`python
-benchmarks/run.py kv_cache`).
+benchmarks/run.py kv_cache`); tiny CM3leon's 64-token images with and without the KV cache and images/s of its
+four decoders (`python benchmarks/run.py cm3leon`).
 Numbers are wall-clock on whatever this machine is; only the ratios within one run are comparable.
 """
 
@@ -145,6 +146,45 @@ def kv_cache_bench(new_tokens: int = 256, batch_size: int = 4, prompt_tokens: in
     return out
 
 
+@torch.no_grad()
+def cm3leon_decoding_bench(batch_size: int = 4) -> dict[str, float]:
+    """Tiny CM3leon (conf/model/cm3leon.yaml, random weights) drawing one 64-token image per prompt: tokens/s
+    with the KV cache and without (the whole sequence rerun every token), their ratio, and images/s of each
+    decoder (plain sampling, CFG 3, CD-K, TopP-CD), all cached, in one run."""
+    model, _ = build("cm3leon")
+    model.eval()
+    prompts = ["a red circle in the top left", "a blue square in the center"] * (batch_size // 2)
+    out: dict[str, float] = {}
+    runs = {
+        "cached": {"use_cache": True},
+        "uncached": {"use_cache": False},
+    }
+    tokens = {}
+    for name, options in runs.items():
+        seconds = timed(
+            lambda o=options: tokens.update(
+                {name: model.generate_tokens(prompts, seed=0, temperature=0, **o)}
+            ),
+            1,
+        )
+        out[f"cm3leon_{name}_tokens_per_s_b{batch_size}"] = batch_size * model.num_image_tokens / seconds
+    out["ratio_cm3leon_kv_cached_vs_uncached"] = (
+        out[f"cm3leon_cached_tokens_per_s_b{batch_size}"]
+        / out[f"cm3leon_uncached_tokens_per_s_b{batch_size}"]
+    )
+    out["cm3leon_cached_tokens_identical"] = float(torch.equal(tokens["cached"], tokens["uncached"]))
+    decoders = {
+        "no_cfg": {"guidance_scale": 1.0},
+        "cfg3": {"guidance_scale": 3.0},
+        "cd_k": {"decoder": "cd"},
+        "topp_cd": {"decoder": "topp_cd", "top_p": 0.9},
+    }
+    for name, options in decoders.items():
+        seconds = timed(lambda o=options: model.generate(prompts, seed=0, **o), 1)
+        out[f"cm3leon_{name}_images_per_s"] = batch_size / seconds
+    return out
+
+
 # ~50M trainable parameters (12 blocks of width 512), frozen tiny T5 and tokenizer
 MUSE_50M = ["model.dim=512", "model.depth=12", "model.heads=8", "model.mlp_dim=2048"]
 
@@ -187,6 +227,8 @@ def main() -> None:
         results = diffusion_samplers_bench()
     elif sys.argv[1:] == ["kv_cache"]:
         results = kv_cache_bench()
+    elif sys.argv[1:] == ["cm3leon"]:
+        results = cm3leon_decoding_bench()
     else:
         results = {
             "torch_threads": torch.get_num_threads(),
@@ -195,6 +237,7 @@ def main() -> None:
             **galip_vs_muse_bench(),
             **diffusion_samplers_bench(),
             **kv_cache_bench(),
+            **cm3leon_decoding_bench(),
             **sharding_memory_bench(),
         }
     width = max(len(k) for k in results)

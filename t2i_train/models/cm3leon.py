@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from t2i_train.errors import ConfigError, DataError
@@ -300,6 +301,13 @@ class CM3Leon(Family):
         sentinels, span_rate, max_spans: the CM3 objective (λ of the Poisson span count and its clamp).
         text_first_prob: share of documents ordered text -> image (the rest image -> text).
         cond_drop_prob: share of text -> image documents whose text is replaced by ``<mask>`` (CFG).
+        retrieved_docs: retrieval augmentation (RA-CM3): each training sequence is ``ra1 <break> ... raK <break>
+            query``, the K neighbours read from the batch (``ra_image_tokens`` and the JSON's ``neighbours``,
+            written by ``python -m t2i_train.retrieve``); 0 trains unaugmented (the ablation is this one switch).
+        retrieved_weight: α, the loss weight of the retrieved documents' tokens (RA-CM3: 0.1).
+        retriever_checkpoint: the frozen CLIP that ``retrieve`` embedded the bank with; ``generate(...,
+            index=<retrieve output>)`` embeds prompts with it and prepends their neighbours. Loaded at first
+            use, never part of the weights.
         gradient_checkpointing: recompute blocks in the backward pass.
     """
 
@@ -307,6 +315,7 @@ class CM3Leon(Family):
     accepted_losses: ClassVar[tuple[type[nn.Module], ...]] = (CM3Loss,)
     block_classes: ClassVar[tuple[type[nn.Module], ...]] = (TransformerBlock,)
     external_paths: ClassVar[tuple[str, ...]] = ("image_tokenizer_checkpoint",)
+    resource_paths: ClassVar[tuple[str, ...]] = ("retriever_checkpoint",)
 
     def __init__(
         self,
@@ -327,6 +336,9 @@ class CM3Leon(Family):
         max_spans: int = 3,
         text_first_prob: float = 0.5,
         cond_drop_prob: float = 0.1,
+        retrieved_docs: int = 0,
+        retrieved_weight: float = 0.1,
+        retriever_checkpoint: str | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -365,6 +377,21 @@ class CM3Leon(Family):
             raise ConfigError(
                 f"model.max_length={max_length} is too short for one image: {self.num_image_tokens} image tokens "
                 f"need at least {needed} positions (text, <break>, image, <eod>); raise model.max_length"
+            )
+        if retrieved_docs < 0 or not 0.0 <= retrieved_weight <= 1.0:
+            raise ConfigError(
+                f"model.retrieved_docs must be >= 0 and model.retrieved_weight in [0, 1] (got {retrieved_docs}, "
+                f"{retrieved_weight})"
+            )
+        self.retrieved_docs, self.retrieved_weight = int(retrieved_docs), float(retrieved_weight)
+        self.retriever_checkpoint = retriever_checkpoint
+        self._retriever: Any = None
+        needed_all = (self.retrieved_docs + 1) * (self.num_image_tokens + 2) + 2
+        if self.retrieved_docs and max_length < needed_all:
+            raise ConfigError(
+                f"model.max_length={max_length} cannot hold {self.retrieved_docs} retrieved documents and the "
+                f"query ({self.num_image_tokens} image tokens each): raise it to at least {needed_all} plus "
+                "their captions"
             )
         self.max_length = int(max_length)
         self.span_rate, self.max_spans = float(span_rate), min(int(max_spans), int(sentinels))
@@ -417,14 +444,58 @@ class CM3Leon(Family):
         body = [*first, self.space.break_id, *second]
         return body, [(0, len(first)), (len(first) + 1, len(body))]
 
-    def training_sequence(self, text: list[int], image: list[int]) -> list[int]:
-        """One sample's training tokens: order drawn, condition dropped (text first), CM3 spans, truncated."""
+    def training_sequence(
+        self, text: list[int], image: list[int], retrieved: Sequence[tuple[list[int], list[int]]] = ()
+    ) -> tuple[list[int], int]:
+        """One sample's training tokens and how many of them are the retrieved prefix: order drawn (the
+        neighbours take the query's), condition dropped (text first), CM3 spans on the query, truncated."""
         text_first = bool(torch.rand(()) < self.text_first_prob)
         if text_first and bool(torch.rand(()) < self.cond_drop_prob):
             text = [self.space.mask_id]
+        prefix = self.retrieved_prefix(retrieved, text_first)
         body, segments = self.document(text, image, text_first)
         spans = sample_spans(segments, sample_span_count(self.span_rate, self.max_spans))
-        return cm3_document(body, spans, self.space)[: self.max_length]
+        return [*prefix, *cm3_document(body, spans, self.space)][: self.max_length], len(prefix)
+
+    def retrieved_prefix(
+        self, retrieved: Sequence[tuple[list[int], list[int]]], text_first: bool
+    ) -> list[int]:
+        """``ra1 <break> ra2 <break>`` (RA-CM3's layout) from (text ids, image ids) pairs."""
+        prefix: list[int] = []
+        for text, image in retrieved:
+            prefix += [*self.document(text, image, text_first)[0], self.space.break_id]
+        return prefix
+
+    def batch_neighbours(self, batch: dict[str, Any], count: int) -> list[list[tuple[list[int], list[int]]]]:
+        """Per sample, ``retrieved_docs`` (text ids, image ids) neighbours from ``ra_image_tokens`` [B, K, N]
+        and the JSON's ``neighbours.captions``."""
+        if not self.retrieved_docs:
+            return [[] for _ in range(count)]
+        if "ra_image_tokens" not in batch:
+            raise DataError(
+                f"model.retrieved_docs={self.retrieved_docs} needs shards written by python -m t2i_train.retrieve "
+                "(ra_image_tokens.npy) read with data.fields=[image_tokens,ra_image_tokens]; or set "
+                "model.retrieved_docs=0 to train unaugmented"
+            )
+        codes = torch.as_tensor(batch["ra_image_tokens"]).long()
+        out = []
+        for i in range(count):
+            meta = (batch.get("meta") or [{}] * count)[i] or {}
+            captions = list((meta.get("neighbours") or {}).get("captions") or [])
+            if len(captions) < self.retrieved_docs or codes.shape[1] < self.retrieved_docs:
+                key = (batch.get("key") or ["?"] * count)[i]
+                raise DataError(
+                    f"sample {key}: its neighbours field names {len(captions)} captions and "
+                    f"{codes.shape[1]} image-token rows, model.retrieved_docs={self.retrieved_docs} needs that "
+                    "many of each; rewrite the shards with python -m t2i_train.retrieve k=<retrieved_docs>"
+                )
+            out.append(
+                [
+                    (self.text_ids(captions[j]), self.image_ids(codes[i, j]))
+                    for j in range(self.retrieved_docs)
+                ]
+            )
+        return out
 
     def batch_image_codes(self, batch: dict[str, Any]) -> torch.Tensor:
         if "image_tokens" in batch:
@@ -452,10 +523,12 @@ class CM3Leon(Family):
         """Training outputs for ``loss=cm3``: ``logits`` [B, L, V], ``targets`` [B, L] (the next token),
         ``weights`` [B, L] (0 on padding and sentinel targets)."""
         codes = self.batch_image_codes(batch)
-        rows = [
-            self.training_sequence(self.text_ids(caption), self.image_ids(codes[i]))
+        neighbours = self.batch_neighbours(batch, len(batch["caption"]))
+        built = [
+            self.training_sequence(self.text_ids(caption), self.image_ids(codes[i]), neighbours[i])
             for i, caption in enumerate(batch["caption"])
         ]
+        rows = [row for row, _ in built]
         device = self.decoder.token_emb.weight.device
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.space.pad_id, dtype=torch.long)
@@ -466,6 +539,10 @@ class CM3Leon(Family):
         logits = self.decoder(ids[:, :-1], positions)
         targets = ids[:, 1:]
         weights = ((targets != self.space.pad_id) & ~self.space.is_sentinel(targets)).float()
+        if self.retrieved_docs:  # targets inside the retrieved prefix weigh α (target t is token t + 1)
+            prefix = torch.tensor([n for _, n in built], device=device)
+            in_prefix = torch.arange(length - 1, device=device)[None, :] + 1 < prefix[:, None]
+            weights = torch.where(in_prefix, weights * self.retrieved_weight, weights)
         return {
             "logits": logits,
             "targets": targets,
@@ -510,10 +587,12 @@ class CM3Leon(Family):
         generator: torch.Generator | None = None,
         negative_prompts: list[str] | None = None,
         use_cache: bool = True,
+        index: str | None = None,
     ) -> torch.Tensor:
         """Text -> image codes [B, N] (see :func:`pick_tokens` for the options). The unconditional stream reads
         ``<mask> <break>`` (or a negative prompt); ``use_cache=False`` reruns the whole sequence every step (the
-        same tokens, for tests and the KV-cache benchmark)."""
+        same tokens, for tests and the KV-cache benchmark). ``index`` (a ``retrieve`` output, for a model
+        trained with ``retrieved_docs``): each prompt's neighbours are prepended to both streams."""
         if negative_prompts is not None and len(negative_prompts) != len(prompts):
             raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
         was_training = self.training
@@ -521,12 +600,13 @@ class CM3Leon(Family):
         try:
             generator = generator or (torch.Generator().manual_seed(seed) if seed is not None else None)
             guided = decoder != "sample" or guidance_scale != 1.0 or negative_prompts is not None
-            prefixes = [[*self.text_ids(p), self.space.break_id] for p in prompts]
+            retrieved = self.prompt_prefixes(list(prompts), index)
+            prefixes = [[*r, *self.text_ids(p), self.space.break_id] for r, p in zip(retrieved, prompts)]
             if guided:
                 negatives = negative_prompts or [None] * len(prompts)
                 prefixes += [
-                    [*(self.text_ids(n) if n else [self.space.mask_id]), self.space.break_id]
-                    for n in negatives
+                    [*r, *(self.text_ids(n) if n else [self.space.mask_id]), self.space.break_id]
+                    for r, n in zip(retrieved, negatives)
                 ]
             start, end = self.space.image_start, self.space.image_start + self.space.image
             step = self._cached_steps(prefixes) if use_cache else self._uncached_steps(prefixes)
@@ -569,6 +649,40 @@ class CM3Leon(Family):
             tokens = yield logits
             for row, token in zip(rows, tokens.tolist(), strict=True):
                 row.append(int(token))
+
+    def prompt_prefixes(self, prompts: list[str], index: str | None) -> list[list[int]]:
+        """The retrieved prefix of each prompt: its ``retrieved_docs`` nearest documents of ``index`` (by the
+        retriever's text embedding), or nothing without an index."""
+        if index is None:
+            return [[] for _ in prompts]
+        if not self.retrieved_docs:
+            raise ConfigError(
+                "index= prepends retrieved documents, but this model trained with retrieved_docs=0"
+            )
+        from t2i_train.neighbours import load_bank, prompt_neighbours
+
+        bank = load_bank(index)
+        with torch.no_grad():
+            vectors = F.normalize(self.retriever().embed_prompts_for_retrieval(prompts).float(), dim=-1)
+        found = prompt_neighbours(bank, vectors.cpu().numpy(), self.retrieved_docs)
+        return [
+            self.retrieved_prefix(
+                [(self.text_ids(c), self.image_ids(torch.as_tensor(t))) for c, t in zip(caps, codes)], True
+            )
+            for caps, codes in found
+        ]
+
+    def retriever(self) -> Any:
+        """The frozen CLIP of ``retriever_checkpoint``, loaded at first use (never part of the weights)."""
+        if self._retriever is None:
+            if not self.retriever_checkpoint:
+                raise ConfigError(
+                    "retrieval at inference needs model.retriever_checkpoint=<the CLIP retrieve embedded with>"
+                )
+            from t2i_train.checkpoint import load_family
+
+            self._retriever = load_family(self.retriever_checkpoint).eval().requires_grad_(False)
+        return self._retriever
 
     @torch.no_grad()
     def generate(self, prompts: list[str], **sampling: Any) -> torch.Tensor:

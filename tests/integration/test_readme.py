@@ -98,7 +98,8 @@ def check(module, args):
 
         build_parser().parse_args(args)
     elif module in {
-        f"t2i_train.{n}" for n in ("encode", "recaption", "evaluate", "export", "pipeline", "index", "gill_decision")
+        f"t2i_train.{n}"
+        for n in ("encode", "recaption", "evaluate", "export", "pipeline", "index", "gill_decision", "retrieve")
     }:
         parse_args = getattr(__import__(f"t2i_train.cli.{name}", fromlist=["parse_args"]), "parse_args")
         parse_args(apply_trust_argument(args))
@@ -177,7 +178,7 @@ def test_the_readme_shows_every_cli() -> None:
     modules = {c.split()[c.split().index("-m") + 1] for c in COMMANDS}
     for cli in ("t2i_train", "t2i_train.sample", "t2i_train.summary", "t2i_train.shards", "t2i_train.encode",
                 "t2i_train.evaluate", "t2i_train.pipeline", "t2i_train.recaption", "t2i_train.index",
-                "t2i_train.gill_decision"):  # fmt: skip
+                "t2i_train.gill_decision", "t2i_train.retrieve"):  # fmt: skip
         assert cli in modules, cli
     assert any("{" in c and "'" in c for c in COMMANDS)  # a quoted brace pattern, as users paste them
     assert any("$DIR" in c for c in COMMANDS)
