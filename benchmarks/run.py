@@ -161,12 +161,11 @@ def cm3leon_decoding_bench(batch_size: int = 4) -> dict[str, float]:
     }
     tokens = {}
     for name, options in runs.items():
-        seconds = timed(
-            lambda o=options: tokens.update(
-                {name: model.generate_tokens(prompts, seed=0, temperature=0, **o)}
-            ),
-            1,
-        )
+
+        def draw(name: str = name, options: dict = options) -> None:
+            tokens[name] = model.generate_tokens(prompts, seed=0, temperature=0, **options)
+
+        seconds = timed(draw, 1)
         out[f"cm3leon_{name}_tokens_per_s_b{batch_size}"] = batch_size * model.num_image_tokens / seconds
     out["ratio_cm3leon_kv_cached_vs_uncached"] = (
         out[f"cm3leon_cached_tokens_per_s_b{batch_size}"]

@@ -187,5 +187,5 @@ def test_generation_prepends_each_prompts_neighbours_from_the_bank(
         instantiate(compose_train(["model=cm3leon"]).model, _convert_="all").generate_tokens(
             prompts, index=str(out)
         )
-    with pytest.raises(ConfigError, match="needs model.retriever_checkpoint"):
+    with pytest.raises(ConfigError, match=r"needs model\.retriever_checkpoint"):
         _ra_model().generate_tokens(prompts, index=str(out))
