@@ -10,8 +10,8 @@ them, for error messages and summaries.
 
 | protocol | method | who implements it today |
 |---|---|---|
-| ``ImageGenerator`` | ``generate(prompts, **sampling) -> [B,3,H,W] in [0,1]`` | muse, diffusion, galip |
-| ``Captioner`` | ``caption(images in [-1,1], **decoding) -> list[str]`` | captioner |
+| ``ImageGenerator`` | ``generate(prompts, **sampling) -> [B,3,H,W] in [0,1]`` | muse, diffusion, galip, gill, cm3leon |
+| ``Captioner`` | ``caption(images in [-1,1], **decoding) -> list[str]`` | captioner, gill, cm3leon |
 | ``Reconstructor`` | ``reconstruct(images in [-1,1]) -> images in [-1,1]`` | vqgan, vae |
 | ``Interpolator`` | ``interpolate(prompts_a, prompts_b, mode, steps, seed) -> [steps,3,H,W]`` | galip |
 | ``PreEncoder`` | ``pre_encode(images in [-1,1]) -> {field: tensor}`` | vqgan, vae, clip |
