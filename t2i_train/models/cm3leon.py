@@ -28,9 +28,9 @@ it once).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from t2i_train.models.base import Family
 from t2i_train.models.stage1 import attach_stage1, warn_random_stage1
 from t2i_train.nn.transformer import KVCache, Transformer, TransformerBlock
 
+T = TypeVar("T")
 #: how ``generate`` picks an image token (see :func:`pick_tokens`)
 DECODERS: tuple[str, ...] = ("sample", "cd", "topp_cd")
 SPECIALS: tuple[str, ...] = ("break", "eod", "eoss", "mask", "pad")
@@ -138,17 +139,37 @@ def sample_spans(
     return sorted(kept)
 
 
+def cm3_layout(
+    body: Sequence[T], spans: Sequence[tuple[int, int]], sentinel: Callable[[int], T], eoss: T, eod: T
+) -> list[T]:
+    """The CM3 arrangement of ``body``: each span replaced in place by ``sentinel(i)`` (i in order of
+    position), then ``sentinel(i) span eoss`` for each, then ``eod``. Applied to token ids it is
+    :func:`cm3_document`; applied to any per-token values (an image token's grid index) it keeps them in step."""
+    out: list[T] = []
+    tail: list[T] = []
+    position = 0
+    for i, (start, end) in enumerate(spans):
+        out += [*body[position:start], sentinel(i)]
+        tail += [sentinel(i), *body[start:end], eoss]
+        position = end
+    return [*out, *body[position:], *tail, eod]
+
+
 def cm3_document(body: Sequence[int], spans: Sequence[tuple[int, int]], space: TokenSpace) -> list[int]:
     """The CM3 form of a document body (without its ``<eod>``): each span replaced in place by
     ``<sentinel:i>`` (i in order of position), then ``<sentinel:i> span <eoss>`` for each, then ``<eod>``."""
-    out: list[int] = []
-    tail: list[int] = []
-    position = 0
-    for i, (start, end) in enumerate(spans):
-        out += [*body[position:start], space.sentinel(i)]
-        tail += [space.sentinel(i), *body[start:end], space.eoss_id]
-        position = end
-    return [*out, *body[position:], *tail, space.eod_id]
+    return cm3_layout(body, spans, space.sentinel, space.eoss_id, space.eod_id)
+
+
+def grid_index(ids: Sequence[int], space: TokenSpace) -> list[int]:
+    """Per token, its index within its image (0 for the first code after a non-image token), -1 elsewhere:
+    the raster position of every code of a sequence without moved spans (prompts, decoding)."""
+    out, run = [], 0
+    for token in ids:
+        is_image = space.image_start <= token < space.image_start + space.image
+        out.append(run if is_image else -1)
+        run = run + 1 if is_image else 0
+    return out
 
 
 def cm3_restore(ids: Sequence[int], space: TokenSpace) -> list[int]:
@@ -252,12 +273,22 @@ class CM3Decoder(nn.Module):
     prompt's tokens keep the positions they had in training."""
 
     def __init__(
-        self, vocab_size: int, max_length: int, dim: int, depth: int, heads: int, mlp_dim: int, **block: Any
+        self,
+        vocab_size: int,
+        max_length: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_dim: int,
+        image_tokens: int = 0,
+        **block: Any,
     ) -> None:
         super().__init__()
         self.max_length = max_length
         self.token_emb = nn.Embedding(vocab_size, dim)
         self.pos_emb = nn.Embedding(max_length, dim)
+        #: the raster position of an image code within its image (``image_tokens`` > 0), added to its token
+        self.image_pos_emb = nn.Embedding(image_tokens, dim) if image_tokens > 0 else None
         self.transformer = Transformer(
             dim, depth, heads, mlp_dim, 0.0, bias=False, norm_affine=False, **block
         )
@@ -271,10 +302,14 @@ class CM3Decoder(nn.Module):
         positions: torch.Tensor,
         key_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ids, positions [B, L] -> logits [B, L, vocab]; ``key_mask`` [B, L] (True = real), ``cache`` as
-        :class:`Transformer`."""
+        :class:`Transformer`; ``image_index`` [B, L]: each image code's index in its image, -1 elsewhere."""
         x = self.token_emb(ids) + self.pos_emb(positions.clamp(0, self.max_length - 1))
+        if self.image_pos_emb is not None and image_index is not None:
+            grid = self.image_pos_emb(image_index.clamp(min=0, max=self.image_pos_emb.num_embeddings - 1))
+            x = x + grid * (image_index >= 0)[..., None].to(grid.dtype)
         x = self.transformer(x, self_mask=key_mask, causal=True, cache=cache)
         return x @ self.token_emb.weight.T
 
@@ -308,6 +343,9 @@ class CM3Leon(Family):
         retriever_checkpoint: the frozen CLIP that ``retrieve`` embedded the bank with; ``generate(...,
             index=<retrieve output>)`` embeds prompts with it and prepends their neighbours. Loaded at first
             use, never part of the weights.
+        image_positions: add a learned embedding of each image code's raster index within its image (our
+            choice [U]: with only absolute sequence positions, a code's place in the image depends on the
+            length of the caption before it).
         gradient_checkpointing: recompute blocks in the backward pass.
     """
 
@@ -339,6 +377,7 @@ class CM3Leon(Family):
         retrieved_docs: int = 0,
         retrieved_weight: float = 0.1,
         retriever_checkpoint: str | None = None,
+        image_positions: bool = True,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -403,6 +442,7 @@ class CM3Leon(Family):
             depth,
             heads,
             mlp_dim,
+            image_tokens=self.num_image_tokens if image_positions else 0,
             gradient_checkpointing=gradient_checkpointing,
         )
 
@@ -444,18 +484,25 @@ class CM3Leon(Family):
         body = [*first, self.space.break_id, *second]
         return body, [(0, len(first)), (len(first) + 1, len(body))]
 
+    def _grid(self, text: list[int], image: list[int], text_first: bool) -> list[int]:
+        """The grid index of each token of :meth:`document`'s body (-1 off the image)."""
+        blank, grid = [-1] * len(text), list(range(len(image)))
+        return [*blank, -1, *grid] if text_first else [*grid, -1, *blank]
+
     def training_sequence(
         self, text: list[int], image: list[int], retrieved: Sequence[tuple[list[int], list[int]]] = ()
-    ) -> tuple[list[int], int]:
-        """One sample's training tokens and how many of them are the retrieved prefix: order drawn (the
-        neighbours take the query's), condition dropped (text first), CM3 spans on the query, truncated."""
+    ) -> tuple[list[int], list[int], int]:
+        """One sample's training tokens, their grid indices and how many are the retrieved prefix: order drawn
+        (the neighbours take the query's), condition dropped (text first), CM3 spans on the query, truncated."""
         text_first = bool(torch.rand(()) < self.text_first_prob)
         if text_first and bool(torch.rand(()) < self.cond_drop_prob):
             text = [self.space.mask_id]
         prefix = self.retrieved_prefix(retrieved, text_first)
         body, segments = self.document(text, image, text_first)
         spans = sample_spans(segments, sample_span_count(self.span_rate, self.max_spans))
-        return [*prefix, *cm3_document(body, spans, self.space)][: self.max_length], len(prefix)
+        tokens = [*prefix, *cm3_document(body, spans, self.space)][: self.max_length]
+        grid = cm3_layout(self._grid(text, image, text_first), spans, lambda _: -1, -1, -1)
+        return tokens, [*grid_index(prefix, self.space), *grid][: self.max_length], len(prefix)
 
     def retrieved_prefix(
         self, retrieved: Sequence[tuple[list[int], list[int]]], text_first: bool
@@ -528,19 +575,20 @@ class CM3Leon(Family):
             self.training_sequence(self.text_ids(caption), self.image_ids(codes[i]), neighbours[i])
             for i, caption in enumerate(batch["caption"])
         ]
-        rows = [row for row, _ in built]
+        rows = [row for row, _, _ in built]
         device = self.decoder.token_emb.weight.device
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.space.pad_id, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-        ids = ids.to(device)
+        grid = torch.full((len(rows), length), -1, dtype=torch.long)
+        for i, (row, index, _) in enumerate(built):
+            ids[i, : len(row)], grid[i, : len(row)] = torch.tensor(row), torch.tensor(index)
+        ids, grid = ids.to(device), grid.to(device)
         positions = torch.arange(length - 1, device=device).expand(len(rows), -1)
-        logits = self.decoder(ids[:, :-1], positions)
+        logits = self.decoder(ids[:, :-1], positions, image_index=grid[:, :-1])
         targets = ids[:, 1:]
         weights = ((targets != self.space.pad_id) & ~self.space.is_sentinel(targets)).float()
         if self.retrieved_docs:  # targets inside the retrieved prefix weigh α (target t is token t + 1)
-            prefix = torch.tensor([n for _, n in built], device=device)
+            prefix = torch.tensor([n for _, _, n in built], device=device)
             in_prefix = torch.arange(length - 1, device=device)[None, :] + 1 < prefix[:, None]
             weights = torch.where(in_prefix, weights * self.retrieved_weight, weights)
         return {
@@ -560,17 +608,23 @@ class CM3Leon(Family):
                 f"a prompt of {length} tokens + {total} new ones exceeds model.max_length={self.max_length}"
             )
         ids = torch.full((len(prefixes), length), self.space.pad_id, dtype=torch.long)
+        grid = torch.full((len(prefixes), length), -1, dtype=torch.long)
         mask = torch.zeros(len(prefixes), length, dtype=torch.bool)
         for i, p in enumerate(prefixes):
             ids[i, length - len(p) :], mask[i, length - len(p) :] = torch.tensor(p), True
-        ids, mask = ids.to(device), mask.to(device)
+            grid[i, length - len(p) :] = torch.tensor(grid_index(p, self.space))
+        ids, mask, grid = ids.to(device), mask.to(device), grid.to(device)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)
         cache = self.decoder.new_cache(length + total)
-        logits = self.decoder(ids, positions, key_mask=mask, cache=cache)[:, -1]
+        logits = self.decoder(ids, positions, key_mask=mask, cache=cache, image_index=grid)[:, -1]
         return cache, logits, positions[:, -1] + 1
 
-    def _step(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.decoder(tokens[:, None], positions[:, None], cache=cache)[:, -1]
+    def _step(
+        self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, grid: int = -1
+    ) -> torch.Tensor:
+        """One new token per row at ``positions``; ``grid``: its index in the image being drawn (-1: text)."""
+        index = torch.full_like(tokens[:, None], grid)
+        return self.decoder(tokens[:, None], positions[:, None], cache=cache, image_index=index)[:, -1]
 
     @torch.no_grad()
     def generate_tokens(
@@ -637,10 +691,11 @@ class CM3Leon(Family):
     def _cached_steps(self, prefixes: list[list[int]]) -> Any:
         """Generator: yields the next-token logits; send it the tokens just chosen."""
         cache, logits, positions = self._prefill(prefixes, self.num_image_tokens)
+        drawn = 0  # the image codes fed back so far: the next one's grid index
         while True:
             tokens = yield logits
-            logits = self._step(cache, tokens, positions)
-            positions = positions + 1
+            logits = self._step(cache, tokens, positions, grid=drawn)
+            positions, drawn = positions + 1, drawn + 1
 
     def _uncached_steps(self, prefixes: list[list[int]]) -> Any:
         rows = [list(p) for p in prefixes]

@@ -121,11 +121,26 @@ def test_documents_come_in_both_orders_and_dropped_text_becomes_mask(cm3leon: CM
         list(range(model.space.image_start, model.space.image_start + 64)),
     )
     model.text_first_prob, model.cond_drop_prob = 1.0, 0.0
-    assert model.training_sequence(text, image) == [*text, model.space.break_id, *image, model.space.eod_id]
+    assert model.training_sequence(text, image)[0] == [*text, model.space.break_id, *image, model.space.eod_id]
     model.text_first_prob = 0.0
-    assert model.training_sequence(text, image) == [*image, model.space.break_id, *text, model.space.eod_id]
+    assert model.training_sequence(text, image)[0] == [*image, model.space.break_id, *text, model.space.eod_id]
     model.text_first_prob, model.cond_drop_prob = 1.0, 1.0
-    assert model.training_sequence(text, image)[:2] == [model.space.mask_id, model.space.break_id]
+    assert model.training_sequence(text, image)[0][:2] == [model.space.mask_id, model.space.break_id]
+
+
+def test_every_image_code_keeps_its_raster_index_when_spans_move_it(cm3leon: CM3Leon) -> None:
+    model = copy.deepcopy(cm3leon)
+    model.span_rate, model.max_spans = 3.0, 3
+    start = model.space.image_start
+    image = list(range(start, start + 64))  # code i is raster position i: the index must say so
+    torch.manual_seed(0)
+    moved = 0
+    for _ in range(50):
+        tokens, grid, _ = model.training_sequence(model.text_ids("a red circle"), image)
+        for token, index in zip(tokens, grid, strict=True):
+            assert index == (token - start if model.space.is_image(torch.tensor(token)) else -1)
+        moved += sum(model.space.is_sentinel(torch.tensor(tokens)).tolist()) > 0
+    assert moved > 30  # most of the 50 documents had spans moved behind sentinels
 
 
 def test_cfg_is_uncond_plus_scale_times_the_difference() -> None:
