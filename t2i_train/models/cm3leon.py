@@ -235,7 +235,7 @@ def pick_tokens(
     top_k: int | None = None,
     top_p: float | None = None,
     cd_alpha: float = 0.1,
-    cd_k: int = 8,
+    cd_k: int = 1,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One token per row from the conditional and unconditional logits [B, V] (V: the allowed tokens).
@@ -636,7 +636,7 @@ class CM3Leon(Family):
         top_k: int | None = None,
         top_p: float | None = None,
         cd_alpha: float = 0.1,
-        cd_k: int = 8,
+        cd_k: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         negative_prompts: list[str] | None = None,

@@ -29,7 +29,7 @@ RA_MAX_LENGTH = 384
 DECODERS: dict[str, dict[str, Any]] = {
     "no_cfg": {"guidance_scale": 1.0},
     "cfg3": {"guidance_scale": 3.0},
-    "cd_k": {"decoder": "cd", "guidance_scale": 1.0},
+    "cd_k": {"decoder": "cd", "temperature": 0.0},
     "topp_cd": {"decoder": "topp_cd", "top_p": 0.9},
 }
 
