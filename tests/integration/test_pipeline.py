@@ -78,3 +78,23 @@ def test_diffusion_recipe_samples_from_descriptive_prompts(tmp_path: Path) -> No
     assert report["recipe"] == "diffusion" and report["vae_psnr_db"] > 0 and report["seen"]["n"] == 48
     line = json.loads((out / "samples_seen" / "manifest.jsonl").read_text().splitlines()[0])
     assert len(line["upsampled_prompt"]) > 100 and "diffusion recipe: done" in proc.stdout
+
+
+def test_cm3leon_recipe_runs_both_arms_and_the_decoding_table(tmp_path: Path) -> None:
+    """VQGAN -> tokens -> CM3leon -> samples, captions, decoders -> CLIP -> neighbours -> the RA arm -> its
+    samples with each prompt's neighbours prepended; every number in report.json."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    args = ["t2i_train.pipeline", "--recipe=cm3leon", f"--data={data}", f"--out={out}", "--count=256"]
+    stages = ["--images-per-prompt=1", "--vqgan", *FAST, "--cm3leon", *FAST, "--clip", *FAST]
+    proc = run_cli(*args, *stages, "--cm3leon_ra", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"] == "cm3leon" and report["plain_seen"]["n"] == 48 and report["ra_seen"]["n"] == 48
+    assert set(report["decoding"]) == {"no_cfg", "cfg3", "cd_k", "topp_cd"}
+    assert report["captions"]["heldout"]["count"] > 0
+    ra = torch.load(out / "cm3leon_ra" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ra["t2i_config"]["model"]["retrieved_docs"] == 2
+    assert (out / "tokens_ra" / "neighbours.json").is_file() and (
+        out / "tokens_ra" / "val" / "neighbours.json"
+    ).is_file()
+    assert "CM3leon + 2 retrieved, text -> image, seen" in proc.stdout

@@ -121,9 +121,19 @@ def test_documents_come_in_both_orders_and_dropped_text_becomes_mask(cm3leon: CM
         list(range(model.space.image_start, model.space.image_start + 64)),
     )
     model.text_first_prob, model.cond_drop_prob = 1.0, 0.0
-    assert model.training_sequence(text, image)[0] == [*text, model.space.break_id, *image, model.space.eod_id]
+    assert model.training_sequence(text, image)[0] == [
+        *text,
+        model.space.break_id,
+        *image,
+        model.space.eod_id,
+    ]
     model.text_first_prob = 0.0
-    assert model.training_sequence(text, image)[0] == [*image, model.space.break_id, *text, model.space.eod_id]
+    assert model.training_sequence(text, image)[0] == [
+        *image,
+        model.space.break_id,
+        *text,
+        model.space.eod_id,
+    ]
     model.text_first_prob, model.cond_drop_prob = 1.0, 1.0
     assert model.training_sequence(text, image)[0][:2] == [model.space.mask_id, model.space.break_id]
 
