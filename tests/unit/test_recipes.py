@@ -56,12 +56,16 @@ def toy_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 
 def test_the_shapes_recipes_are_found_with_their_training_stages() -> None:
     found = recipes.available()
-    assert list(found) == ["dalle3", "diffusion", "galip", "gill", "muse"] and recipes.DEFAULT == "muse"
+    assert (
+        list(found) == ["cm3leon", "dalle3", "diffusion", "galip", "gill", "muse"]
+        and recipes.DEFAULT == "muse"
+    )
     assert found["muse"].training_stages() == ["vqgan", "muse"]
     assert found["galip"].training_stages() == ["clip", "galip"]
     assert found["diffusion"].training_stages() == ["vae", "diffusion"]
     assert found["dalle3"].training_stages() == ["clip", "captioner", "vae", "diffusion"]
     assert found["gill"].training_stages() == ["clip", "lm", "vae", "diffusion", "gill"]
+    assert found["cm3leon"].training_stages() == ["vqgan", "cm3leon", "clip", "cm3leon_ra"]
     assert all(recipe.stages[0].name == "data" for recipe in found.values())  # the shapes shards first
 
 
