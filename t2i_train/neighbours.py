@@ -114,7 +114,7 @@ def write_neighbours(
     """Embed ``urls``, find every document's ``k`` neighbours, write the augmented shards into ``output``."""
     from t2i_train.data.datamodule import local_path, resolve_urls
     from t2i_train.data.shard_map import copy_sidecars, map_shards, rank_and_world
-    from t2i_train.retrieval import _load_embedder
+    from t2i_train.retrieval import _load_embedder, _wait_for_parts
 
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
@@ -130,7 +130,9 @@ def write_neighbours(
     for shard in shards[rank::world]:
         if not _part_file(parts, shard).is_file():
             _embed_shard(model, shard, parts, size, caption_key, query_drop, batch_size)
-    _wait_for(parts, shards, merge_wait_s)
+    _wait_for_parts(
+        parts, shards, merge_wait_s, done=lambda folder, shard: _part_file(folder, shard).is_file()
+    )
     bank, queries = _load_parts(parts, shards)
     neighbours, relaxed = _search(bank, queries, k, max_relevance)
     summary = map_shards(shards, out, _augment(bank, neighbours), batch_size=batch_size, progress=rank == 0)
@@ -219,21 +221,6 @@ def _embed_shard(
 
 def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
-
-
-def _wait_for(parts: Path, shards: list[str], wait_s: float) -> None:
-    since, missing = time.monotonic(), [s for s in shards if not _part_file(parts, s).is_file()]
-    before = len(missing)
-    while missing:
-        if time.monotonic() - since > wait_s:
-            raise DataError(
-                f"{len(missing)} parts are still missing (first: {Path(missing[0]).name}) after {wait_s:g}s "
-                "without a new one: did a rank stop? Rerun the same command (finished parts are kept)"
-            )
-        time.sleep(min(2.0, max(wait_s / 10, 0.01)))
-        missing = [s for s in missing if not _part_file(parts, s).is_file()]
-        if len(missing) < before:
-            since, before = time.monotonic(), len(missing)
 
 
 def _load_parts(parts: Path, shards: list[str]) -> tuple[Bank, np.ndarray]:

@@ -295,9 +295,13 @@ def _batches(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[s
         yield batch
 
 
-def _wait_for_parts(parts: Path, shards: list[str], wait_s: float) -> None:
-    """Rank 0: wait until every rank's parts exist; ``wait_s`` seconds without a new one is a DataError."""
-    missing = [s for s in shards if not _part_done(parts, s)]
+def _wait_for_parts(
+    parts: Path, shards: list[str], wait_s: float, done: Callable[[Path, str], bool] | None = None
+) -> None:
+    """Wait until every rank's parts exist (``done(parts, shard)``, default: this index's ``.npy`` part);
+    ``wait_s`` seconds without a new one is a DataError."""
+    done = done or _part_done
+    missing = [s for s in shards if not done(parts, s)]
     if missing:
         log.info("waiting for the other ranks' %d parts", len(missing))
     since, before = time.monotonic(), len(missing)
@@ -308,7 +312,7 @@ def _wait_for_parts(parts: Path, shards: list[str], wait_s: float) -> None:
                 "without a new one: did a rank stop? Rerun the same command (finished parts are kept)"
             )
         time.sleep(min(2.0, max(wait_s / 10, 0.01)))
-        missing = [s for s in missing if not _part_done(parts, s)]
+        missing = [s for s in missing if not done(parts, s)]
         if len(missing) < before:
             since, before = time.monotonic(), len(missing)
 

@@ -100,3 +100,16 @@ def tensors_equal(a: Any, b: Any) -> bool:
     if torch.is_tensor(a) and torch.is_tensor(b):
         return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
     return bool(a == b)
+
+
+def save_random_clip(path: Path, init_seed: int = 3) -> Path:
+    """A model=clip checkpoint as training writes it (its config and random weights), saved directly."""
+    from t2i_train.models.clip import CLIPFamily
+
+    state = {f"model.{k}": v for k, v in CLIPFamily(init_seed=init_seed).state_dict().items()}
+    config = {
+        "model": {"_target_": "t2i_train.models.clip.CLIPFamily", "init_seed": init_seed},
+        "data": {"image_size": 32},
+    }
+    torch.save({"t2i_config": config, "state_dict": state}, path)
+    return path

@@ -8,26 +8,15 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from t2i_train.data.shards import write_synthetic_shards
-from tests.helpers import assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, run_cli, save_random_clip
 
 
 @pytest.fixture(scope="module")
 def clip_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model=clip checkpoint as training writes it (its config and weights), saved directly: the unit tests
-    (tests/unit/test_retrieval.py) index a trained one; here the subprocesses' start-up is the time budget."""
-    from t2i_train.models.clip import CLIPFamily
-
-    state = {f"model.{k}": v for k, v in CLIPFamily(init_seed=3).state_dict().items()}
-    config = {
-        "model": {"_target_": "t2i_train.models.clip.CLIPFamily", "init_seed": 3},
-        "data": {"image_size": 32},
-    }
-    path = tmp_path_factory.mktemp("clip") / "last.ckpt"
-    torch.save({"t2i_config": config, "state_dict": state}, path)
-    return path
+    """A model=clip checkpoint as training writes it (config and random weights), saved directly."""
+    return save_random_clip(tmp_path_factory.mktemp("clip") / "last.ckpt")
 
 
 @pytest.fixture(scope="module")

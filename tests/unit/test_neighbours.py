@@ -17,22 +17,13 @@ from t2i_train.data.shard_map import map_shards
 from t2i_train.data.shards import write_synthetic_shards
 from t2i_train.errors import DataError
 from t2i_train.neighbours import drop_words, load_bank, pick_neighbours, prompt_neighbours, write_neighbours
-from tests.helpers import compose_train
+from tests.helpers import compose_train, save_random_clip
 
 
 @pytest.fixture(scope="module")
 def clip_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model=clip checkpoint as training writes it (config and random weights), saved directly."""
-    from t2i_train.models.clip import CLIPFamily
-
-    state = {f"model.{k}": v for k, v in CLIPFamily(init_seed=3).state_dict().items()}
-    config = {
-        "model": {"_target_": "t2i_train.models.clip.CLIPFamily", "init_seed": 3},
-        "data": {"image_size": 32},
-    }
-    path = tmp_path_factory.mktemp("clip") / "last.ckpt"
-    torch.save({"t2i_config": config, "state_dict": state}, path)
-    return path
+    return save_random_clip(tmp_path_factory.mktemp("clip") / "last.ckpt")
 
 
 @pytest.fixture(scope="module")
